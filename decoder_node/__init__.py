@@ -1,0 +1,1 @@
+"""The decoder node: see handler.py; run with `python -m decoder_node --model M`."""

@@ -1,0 +1,3 @@
+from triptych.node import main
+
+main("decoder")

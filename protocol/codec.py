@@ -1,0 +1,166 @@
+"""Wire codec: Python values and torch tensors <-> a list of ZeroMQ frames.
+
+Frame 0 is a msgpack document. A tensor inside it is a msgpack extension holding
+``[dtype, shape, data]`` where ``data`` is either the raw bytes (small tensors, inline) or
+the index of an extra frame that carries the bytes (large tensors, sent with ``copy=False``
+so an embedding is never copied into the msgpack buffer).
+
+Decoding never runs code: only plain msgpack types and tensors of an allow-listed dtype are
+rebuilt, and a tensor's byte length must equal ``numel * itemsize`` before it is built.
+Decoded tensors share memory with the received frame; treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+# torch warns (once) that a frame buffer is not writable; decoded tensors are read-only by design.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+EXT_TENSOR = 1
+INLINE_MAX_BYTES = 1024  # tensors up to this size travel inside the msgpack document
+MAX_DIMS = 8
+MAX_TENSOR_BYTES = 1 << 32  # 4 GiB: anything larger is hostile or a bug
+MAX_FRAMES = 4096
+
+# The only dtypes that may cross the wire, by name.
+DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Limits handed to the msgpack unpacker so a hostile header cannot allocate without bound.
+_UNPACK_LIMITS = {
+    "max_str_len": 16 << 20,
+    "max_bin_len": 64 << 20,
+    "max_array_len": 1 << 16,
+    "max_map_len": 1 << 12,
+    "max_ext_len": 1 << 20,
+}
+
+Frame = bytes | memoryview | Any  # zmq.Frame is accepted too (anything with the buffer protocol)
+
+
+class CodecError(ValueError):
+    """A message could not be encoded or decoded."""
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw bytes of a CPU tensor without copying (a uint8 view covers bfloat16 and bool)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def encode(obj: Any) -> list[bytes | memoryview]:
+    """Encode ``obj`` into frames: ``[msgpack header, *tensor buffers]``."""
+    frames: list[bytes | memoryview] = [b""]
+
+    def default(value: Any) -> msgpack.ExtType:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise CodecError(f"cannot encode a value of type {type(value).__name__}")
+        name = _DTYPE_NAMES.get(value.dtype)
+        if name is None:
+            raise CodecError(f"dtype {value.dtype} is not allowed on the wire")
+        if value.device.type != "cpu":
+            raise CodecError("tensors cross the wire on CPU; move it with .cpu() first")
+        data = _tensor_bytes(value)
+        if data.nbytes <= INLINE_MAX_BYTES:
+            ref: bytes | int = data.tobytes()
+        else:
+            ref = len(frames)
+            frames.append(data)
+        spec = msgpack.packb([name, list(value.shape), ref], use_bin_type=True)
+        return msgpack.ExtType(EXT_TENSOR, spec)
+
+    try:
+        frames[0] = msgpack.packb(obj, default=default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, CodecError):
+            raise
+        raise CodecError(str(exc)) from exc
+    return frames
+
+
+def _buffer(frame: Frame) -> memoryview:
+    buffer = getattr(frame, "buffer", None)  # zmq.Frame
+    return buffer if buffer is not None else memoryview(frame)
+
+
+def _check_spec(spec: Any) -> tuple[torch.dtype, tuple[int, ...], bytes | int]:
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise CodecError("tensor spec must be [dtype, shape, data]")
+    name, shape, ref = spec
+    if not isinstance(name, str) or name not in DTYPES:
+        raise CodecError(f"dtype {name!r} is not allowed on the wire")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise CodecError(f"tensor shape must be a list of at most {MAX_DIMS} sizes")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise CodecError(f"tensor shape {shape!r} must hold non-negative integers")
+    if not isinstance(ref, bytes | int) or isinstance(ref, bool):
+        raise CodecError("tensor data must be bytes or a frame index")
+    return DTYPES[name], tuple(shape), ref
+
+
+def decode(frames: Sequence[Frame]) -> Any:
+    """Decode frames made by :func:`encode`; raises :class:`CodecError` on anything malformed."""
+    if not frames:
+        raise CodecError("no frames")
+    if len(frames) > MAX_FRAMES:
+        raise CodecError(f"too many frames ({len(frames)} > {MAX_FRAMES})")
+    used: set[int] = set()
+
+    def ext_hook(code: int, data: bytes) -> torch.Tensor:
+        if code != EXT_TENSOR:
+            raise CodecError(f"unknown msgpack extension type {code}")
+        try:
+            spec = msgpack.unpackb(data, raw=False, **_UNPACK_LIMITS)
+        except Exception as exc:
+            raise CodecError(f"malformed tensor spec: {exc}") from exc
+        dtype, shape, ref = _check_spec(spec)
+        if isinstance(ref, int):
+            if not 1 <= ref < len(frames) or ref in used:
+                raise CodecError(f"tensor frame index {ref} is invalid or used twice")
+            used.add(ref)
+            buffer = _buffer(frames[ref])
+        else:
+            buffer = memoryview(ref)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * itemsize
+        if expected > MAX_TENSOR_BYTES:
+            raise CodecError(f"tensor of {expected} bytes exceeds the {MAX_TENSOR_BYTES} byte limit")
+        if buffer.nbytes != expected:
+            raise CodecError(
+                f"tensor byte length {buffer.nbytes} does not match shape {list(shape)} of {dtype} ({expected} bytes)"
+            )
+        if expected == 0:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.frombuffer(buffer.cast("B"), dtype=torch.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    try:
+        obj = msgpack.unpackb(_buffer(frames[0]), ext_hook=ext_hook, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except CodecError:
+        raise
+    except Exception as exc:  # msgpack raises several types on garbage, incl. ValueError/TypeError
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+    if len(used) != len(frames) - 1:
+        raise CodecError(f"{len(frames) - 1 - len(used)} frame(s) not referenced by the message")
+    return obj

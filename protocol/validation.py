@@ -1,0 +1,50 @@
+"""Bounds on request fields, checked at the broker before any work is queued.
+
+Family-specific constraints (e.g. the size multiple a model needs) are checked again by the
+node that depends on them; these are the limits every model shares.
+"""
+
+from __future__ import annotations
+
+import math
+
+from protocol.messages import GenerateRequest
+
+MAX_PROMPT_CHARS = 10_000
+MAX_STEPS = 1_000
+MAX_IMAGES = 16
+MAX_SIDE = 8_192
+MAX_PIXELS = 4096 * 4096
+SIZE_MULTIPLE = 8
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+MAX_GUIDANCE = 1_000.0
+MAX_TIMEOUT = 24 * 3600.0
+
+
+def request_error(req: GenerateRequest) -> str | None:
+    """The first problem with ``req`` as a sentence naming the field and its allowed range."""
+    if not req.request_id or len(req.request_id) > 128:
+        return "request_id must be 1 to 128 characters"
+    if len(req.model) > 256:
+        return "model name must be at most 256 characters"
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        return f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(req.prompt)})"
+    if req.negative_prompt is not None and len(req.negative_prompt) > MAX_PROMPT_CHARS:
+        return f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters"
+    if req.steps is not None and not 1 <= req.steps <= MAX_STEPS:
+        return f"steps must be between 1 and {MAX_STEPS} (got {req.steps})"
+    if req.guidance is not None and not (math.isfinite(req.guidance) and 0 <= req.guidance <= MAX_GUIDANCE):
+        return f"guidance must be a finite number between 0 and {MAX_GUIDANCE:g} (got {req.guidance})"
+    for name in ("height", "width"):
+        side = getattr(req, name)
+        if side is not None and not (SIZE_MULTIPLE <= side <= MAX_SIDE and side % SIZE_MULTIPLE == 0):
+            return f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIDE} (got {side})"
+    if req.height is not None and req.width is not None and req.height * req.width > MAX_PIXELS:
+        return f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
+    if not 1 <= req.num_images <= MAX_IMAGES:
+        return f"num_images must be between 1 and {MAX_IMAGES} (got {req.num_images})"
+    if not 0 <= req.seed <= MAX_SEED - req.num_images:
+        return f"seed must be between 0 and {MAX_SEED - req.num_images} (got {req.seed})"
+    if not (math.isfinite(req.timeout) and 0 < req.timeout <= MAX_TIMEOUT):
+        return f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds (got {req.timeout})"
+    return None

@@ -1,0 +1,211 @@
+"""The node runtime: register with the broker, heartbeat, run jobs, send results.
+
+An IO thread owns the DEALER socket: it receives jobs into an in-memory queue, forwards results
+and progress from the compute thread (through an inproc PAIR socket), sends heartbeats and
+re-registers when the broker restarts or forgets the node. The compute thread -- the caller of
+:meth:`Worker.run` -- only ever sees jobs and a progress callback; it knows nothing of sockets,
+so a long denoise never delays a heartbeat (torch and zmq both release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from protocol import messages
+from protocol.codec import CodecError
+from protocol.messages import (
+    Heartbeat,
+    JobAssign,
+    JobCancel,
+    JobDone,
+    JobFailed,
+    JobProgress,
+    Reconnect,
+    WorkerGoodbye,
+    WorkerReady,
+)
+from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, connect_dealer
+
+logger = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised from a progress callback when the broker cancelled the running job."""
+
+
+@dataclass
+class Job:
+    job_id: str
+    request_id: str
+    payload: dict
+    cancelled: threading.Event
+
+
+ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when cancelled
+Handler = Callable[[Job, ProgressFn], dict]  # returns the result payload
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(
+        self,
+        broker: str,
+        service: str,
+        model: str,
+        handler: Handler,
+        *,
+        capacity: int = 1,
+        info: dict | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.broker = broker
+        self.ready = WorkerReady(service=service, model=model, node=node_name(), capacity=capacity, info=info or {})
+        self.handler = handler
+        self.ctx = ctx or zmq.Context.instance()
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.stop = threading.Event()
+        self._active: dict[str, Job] = {}  # received and not yet answered
+        self._pipe = f"inproc://worker-{uuid.uuid4().hex}"
+        self._io_ready = threading.Event()
+        self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+        self._send_to_io: zmq.Socket | None = None
+
+    # --- compute thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve jobs until :attr:`stop` is set; the current job is finished first."""
+        self._io.start()
+        self._io_ready.wait()
+        self._send_to_io = self.ctx.socket(zmq.PAIR)
+        self._send_to_io.connect(self._pipe)
+        try:
+            while not self.stop.is_set():
+                try:
+                    job = self.jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self._run_job(job)
+        finally:
+            self._send(WorkerGoodbye())
+            self._send_to_io.close(linger=100)
+            self._io.join(timeout=2)
+
+    def _run_job(self, job: Job) -> None:
+        def progress(step: int, total: int) -> None:
+            if job.cancelled.is_set():
+                raise JobCancelled(job.job_id)
+            self._send(JobProgress(job_id=job.job_id, step=step, total=total))
+
+        try:
+            if job.cancelled.is_set():
+                raise JobCancelled(job.job_id)
+            result: messages.Message = JobDone(job_id=job.job_id, payload=self.handler(job, progress))
+        except JobCancelled:
+            logger.info("job %s cancelled", job.job_id)
+            result = JobFailed(job_id=job.job_id, error="cancelled")
+        except Exception as exc:
+            logger.exception("job %s of request %s failed", job.job_id, job.request_id)
+            result = JobFailed(job_id=job.job_id, error=describe_error(exc))
+        self._send(result)
+
+    def _send(self, msg: messages.Message) -> None:
+        assert self._send_to_io is not None
+        self._send_to_io.send_multipart(messages.to_frames(msg), copy=False)
+
+    # --- IO thread --------------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        from_compute = self.ctx.socket(zmq.PAIR)
+        from_compute.bind(self._pipe)
+        self._io_ready.set()
+        dealer = self._connect()
+        last_heard = last_sent = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(from_compute, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        goodbye = False
+        while not goodbye:
+            events = dict(poller.poll(int(HEARTBEAT_INTERVAL * 250)))
+            now = time.monotonic()
+            if from_compute in events:
+                frames = from_compute.recv_multipart(copy=False)
+                goodbye = self._forget_answered(frames)
+                dealer.send_multipart(frames, copy=False)
+                last_sent = now
+            if dealer in events:
+                last_heard = now
+                self._on_broker(dealer, dealer.recv_multipart(copy=False))
+            if now - last_sent >= HEARTBEAT_INTERVAL:
+                dealer.send_multipart(messages.to_frames(Heartbeat()))
+                last_sent = now
+            if now - last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
+                logger.warning("broker %s silent for %.1fs: reconnecting", self.broker, now - last_heard)
+                poller.unregister(dealer)
+                dealer.close(linger=0)
+                dealer = self._connect()
+                poller.register(dealer, zmq.POLLIN)
+                last_heard = now
+        dealer.close(linger=500)
+        from_compute.close(linger=0)
+
+    def _connect(self) -> zmq.Socket:
+        dealer = connect_dealer(self.ctx, self.broker)
+        dealer.send_multipart(messages.to_frames(self.ready))
+        return dealer
+
+    def _forget_answered(self, frames: list[zmq.Frame]) -> bool:
+        """Track which jobs are answered; True when the frames are the goodbye."""
+        try:
+            msg = messages.from_frames(frames)
+        except (CodecError, messages.ProtocolError):
+            return False
+        if isinstance(msg, JobDone | JobFailed):
+            self._active.pop(msg.job_id, None)
+        return isinstance(msg, WorkerGoodbye)
+
+    def _on_broker(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = messages.from_frames(frames)
+        except (CodecError, messages.ProtocolError) as exc:
+            logger.warning("dropping a malformed message from the broker: %s", exc)
+            return
+        match msg:
+            case JobAssign():
+                if msg.job_id in self._active:
+                    return
+                job = Job(
+                    job_id=msg.job_id, request_id=msg.request_id, payload=msg.payload, cancelled=threading.Event()
+                )
+                self._active[job.job_id] = job
+                self.jobs.put(job)
+            case JobCancel():
+                if (job := self._active.get(msg.job_id)) is not None:
+                    job.cancelled.set()
+            case Reconnect():
+                logger.info("broker asked to re-register")
+                dealer.send_multipart(messages.to_frames(self.ready))
+            case Heartbeat():
+                pass
+            case _:
+                logger.warning("dropping unexpected %s from the broker", msg.KIND)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the client; out-of-memory on the GPU is named as such."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return f"out of memory: {text}"[:500]
+    return f"{type(exc).__name__}: {text}"[:500]

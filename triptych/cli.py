@@ -1,0 +1,230 @@
+"""The ``triptych`` command.
+
+stdout carries only what scripts read (the paths of written PNGs); logs, progress and errors go
+to stderr. Exit status 0 means every image asked for was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from protocol.messages import DECODER, DENOISER, ENCODER, ProgressEvent
+from triptych.client import DEFAULT_BROKER, Client, GeneratedImage, GenerationError
+from triptych.node import add_node_arguments, configure_logging, serve
+
+logger = logging.getLogger("triptych")
+
+
+def _add_generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--negative-prompt", help="what not to draw")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's pipeline default)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's pipeline default)")
+    parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    parser.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
+    parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up (default 300)")
+    _add_log_level(parser, "WARNING")
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+    parser.add_argument("--log-level", default=default, help=f"logging level (default {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triptych", description="Text-to-image diffusion, split across processes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    broker = commands.add_parser("broker", help="route work between clients and nodes")
+    broker.add_argument("--bind", default=DEFAULT_BROKER, help=f"address to listen on (default {DEFAULT_BROKER})")
+    _add_log_level(broker)
+
+    for service, text in (
+        (ENCODER, "serve a model's text encoders (CPU)"),
+        (DENOISER, "serve a model's UNet/transformer (the GPU node)"),
+        (DECODER, "serve a model's VAE decoder (CPU)"),
+    ):
+        add_node_arguments(commands.add_parser(service, help=text), service)
+
+    up = commands.add_parser("up", help="a broker and one node of each kind on this machine")
+    up.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
+    up.add_argument("--name", help="name the model is served under")
+    up.add_argument("--bind", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    _add_device_options(up)
+    _add_log_level(up)
+
+    generate = commands.add_parser("generate", help="make images through a running broker")
+    _add_generate_options(generate)
+    generate.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    generate.add_argument("--model", default="", help="model name (default: the broker's only model)")
+
+    run = commands.add_parser("run", help="up + generate + shut down, in one command")
+    _add_generate_options(run)
+    run.add_argument("--model", help="hub id or local folder (default: a small random-weight demo model)")
+    _add_device_options(run)
+    return parser
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="the denoiser's device (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", default="auto", help="the denoiser's dtype (default: float32 on CPU, the family's own on CUDA)"
+    )
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from protocol.broker import Broker
+
+    stop = threading.Event()
+    _on_signals(stop)
+    broker = Broker(args.bind)
+    print(f"broker listening on {broker.address}", file=sys.stderr, flush=True)
+    broker.serve(stop)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from triptych.launcher import Cluster, LaunchError
+
+    stop = threading.Event()
+    _on_signals(stop)
+    try:
+        with Cluster(
+            args.model, bind=args.bind, name=args.name, device=args.device, dtype=args.dtype, log_level=args.log_level
+        ) as cluster:
+            print(f"triptych ready: broker {args.bind}, model {args.name or args.model}", flush=True)
+            while not stop.wait(0.5):
+                for key, process in cluster.processes.items():
+                    if process.poll() is not None:
+                        print(f"triptych up: the {key} process exited ({process.returncode})", file=sys.stderr)
+                        return 1
+    except LaunchError as exc:
+        print(f"triptych up: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
+    seed = secrets.randbelow(2**32) if args.seed is None else args.seed
+    if args.seed is None:
+        print(f"seed: {seed}", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = _ProgressBar()
+    try:
+        with Client(broker or args.broker, timeout=args.timeout) as client:
+            images = client.generate(
+                args.prompt,
+                model=args.model or "",
+                negative_prompt=args.negative_prompt,
+                steps=args.steps,
+                guidance=args.guidance,
+                height=args.height,
+                width=args.width,
+                seed=seed,
+                num_images=args.num_images,
+                on_progress=progress,
+            )
+    except GenerationError as exc:
+        progress.close()
+        print(f"triptych: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        progress.close()
+        print("triptych: cancelled", file=sys.stderr)
+        return 130
+    progress.close()
+    for image in images:
+        print(_write(image, out, args.prompt), flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from triptych.launcher import Cluster, LaunchError
+
+    model = args.model
+    if model is None:
+        from triptych.demo import demo_model
+
+        print("triptych: demo model with random weights — pass --model for real images", file=sys.stderr)
+        model = str(demo_model())
+    with tempfile.TemporaryDirectory(prefix="triptych-") as folder:
+        bind = f"ipc://{folder}/broker"
+        try:
+            with Cluster(model, bind=bind, device=args.device, dtype=args.dtype, log_level="WARNING"):
+                args.model = ""
+                return cmd_generate(args, broker=bind)
+        except LaunchError as exc:
+            print(f"triptych: error: {exc}", file=sys.stderr)
+            return 1
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, fed by the denoiser's per-step events."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.total <= 0:
+            logger.debug("%s started on %s", event.stage, event.node)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self.bar.update(max(event.step - self.bar.n, 0))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write(image: GeneratedImage, out: Path, prompt: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "image"
+    path = out / f"{slug}-{image.seed}.png"
+    counter = 1
+    while path.exists():
+        path = out / f"{slug}-{image.seed}-{counter}.png"
+        counter += 1
+    return image.save(path).resolve()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.command == "broker":
+        return cmd_broker(args)
+    if args.command in (ENCODER, DENOISER, DECODER):
+        return serve(args.command, args)
+    if args.command == "up":
+        return cmd_up(args)
+    if args.command == "generate":
+        return cmd_generate(args)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The Python client: send prompts to a broker, get PNGs back.
+
+from triptych import Client
+with Client("tcp://gpu-box:5555") as client:
+    for image in client.generate("a red fox in snow", num_images=2, seed=7):
+        image.save(f"fox-{image.seed}.png")
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from protocol import messages
+from protocol.codec import CodecError
+from protocol.messages import (
+    CancelRequest,
+    GenerateRequest,
+    ImageResult,
+    ProgressEvent,
+    RequestAccepted,
+    RequestFailed,
+    StatusReply,
+    StatusRequest,
+)
+from protocol.sockets import connect_dealer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+RESEND_INTERVAL = 2.0  # seconds between resends of a request the broker has not acknowledged
+
+
+class GenerationError(RuntimeError):
+    """A request failed; the message names the cause."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class GeneratedImage:
+    index: int  # position within the request
+    seed: int  # the seed this image was made with (request seed + index)
+    png: bytes
+    params: dict = field(default_factory=dict)  # resolved steps, guidance, size, model...
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.png)
+        return path
+
+
+class Client:
+    def __init__(self, broker: str = DEFAULT_BROKER, *, timeout: float = 300.0, ctx: zmq.Context | None = None):
+        self.broker = broker
+        self.timeout = timeout
+        self._ctx = ctx or zmq.Context.instance()
+        self._socket = connect_dealer(self._ctx, broker)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "",
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        timeout: float | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults."""
+        request = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            model=model,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            seed=secrets.randbelow(2**32) if seed is None else seed,
+            num_images=num_images,
+            timeout=self.timeout if timeout is None else timeout,
+        )
+        try:
+            return self._run(request, on_progress)
+        except BaseException:
+            self._send(CancelRequest(request_id=request.request_id))  # Ctrl-C, or anything else
+            raise
+
+    def _run(self, request: GenerateRequest, on_progress: Callable | None) -> list[GeneratedImage]:
+        images: dict[int, GeneratedImage] = {}
+        deadline = time.monotonic() + request.timeout + 5.0  # the broker's own timeout fires first
+        accepted = False
+        next_send = 0.0
+        while len(images) < request.num_images:
+            now = time.monotonic()
+            if now > deadline:
+                if not accepted:
+                    raise GenerationError(f"the broker at {self.broker} did not answer within {request.timeout:g}s")
+                raise GenerationError(f"timed out after {request.timeout:g}s")
+            if not accepted and now >= next_send:
+                self._send(request)  # resent until acknowledged; the broker dedupes by request id
+                next_send = now + RESEND_INTERVAL
+            wait = min(deadline, next_send if not accepted else deadline) - now
+            msg = self._receive(max(wait, 0.0))
+            if msg is None or getattr(msg, "request_id", None) != request.request_id:
+                continue
+            accepted = True
+            match msg:
+                case ImageResult() if msg.index not in images and 0 <= msg.index < request.num_images:
+                    images[msg.index] = GeneratedImage(index=msg.index, seed=msg.seed, png=msg.png, params=msg.params)
+                case RequestFailed():
+                    raise GenerationError(msg.error, retryable=msg.retryable)
+                case ProgressEvent() if on_progress is not None:
+                    on_progress(msg)
+                case RequestAccepted():
+                    pass
+        return [images[i] for i in range(request.num_images)]
+
+    def status(self, timeout: float = 5.0) -> StatusReply:
+        """Nodes, queues and requests in flight, as the broker sees them."""
+        request_id = uuid.uuid4().hex
+        self._send(StatusRequest(request_id=request_id))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._receive(left)
+            if isinstance(msg, StatusReply) and msg.request_id == request_id:
+                return msg
+        raise GenerationError(f"the broker at {self.broker} did not answer within {timeout:g}s")
+
+    def _send(self, msg: messages.Message) -> None:
+        try:
+            self._socket.send_multipart(messages.to_frames(msg), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.debug("send queue full; %s not sent", msg.KIND)
+
+    def _receive(self, timeout: float) -> messages.Message | None:
+        if not self._socket.poll(int(timeout * 1000)):
+            return None
+        frames = self._socket.recv_multipart(copy=False)
+        try:
+            return messages.from_frames(frames)
+        except (CodecError, messages.ProtocolError) as exc:
+            logger.warning("dropping a malformed message from the broker: %s", exc)
+            return None

@@ -1,0 +1,147 @@
+"""What every model family shares: the three stages of a diffusers text-to-image pipeline.
+
+A family subclass says which components each stage loads, what the encoder sends as
+``prompt_embeds``-style tensors, and how latents become images. The pipeline itself does the
+work in every stage -- each node loads the family's pipeline class with only its own
+components and calls the same methods diffusers would -- so results match diffusers exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+StepFn = Callable[[int, int], None]  # (step, total)
+
+ENCODE, DENOISE, DECODE = "encoder", "denoiser", "decoder"
+
+
+class Family:
+    name: ClassVar[str]
+    pipelines: ClassVar[tuple[str, ...]]  # diffusers pipeline class names of this family
+    # Components (model_index.json keys) each stage loads; every other one is passed as None.
+    components: ClassVar[dict[str, tuple[str, ...]]] = {
+        ENCODE: ("tokenizer", "text_encoder"),
+        DENOISE: ("unet", "scheduler"),
+        DECODE: ("vae",),
+    }
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the denoiser's dtype on a GPU unless told
+    denoiser_attr: ClassVar[str] = "unet"
+
+    # --- defaults ---------------------------------------------------------------------------
+
+    @staticmethod
+    def call_default(pipe: Any, name: str) -> Any:
+        """A default of the pipeline's own ``__call__`` (steps, guidance, sequence length...)."""
+        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+        return None if parameter is None else parameter.default
+
+    def guidance(self, pipe: Any, request: dict) -> float:
+        guidance = request.get("guidance")
+        return float(self.call_default(pipe, "guidance_scale") if guidance is None else guidance)
+
+    def uses_negative(self, pipe: Any, request: dict) -> bool:
+        """Whether the denoiser will need negative embeddings (classifier-free guidance)."""
+        return self.guidance(pipe, request) > 1.0
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        sample = getattr(pipe, self.denoiser_attr).config.sample_size
+        height, width = (sample, sample) if isinstance(sample, int) else sample
+        return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+    def size_multiple(self, pipe: Any) -> int:
+        return pipe.vae_scale_factor
+
+    # --- stage 1: encode --------------------------------------------------------------------
+
+    def encode(self, pipe: Any, request: dict) -> Tensors:
+        """Prompt -> the tensors the pipeline accepts instead of a prompt (batch of one)."""
+        raise NotImplementedError
+
+    # --- stage 2: denoise -------------------------------------------------------------------
+
+    def embed_kwargs(self, pipe: Any, embeds: Tensors) -> dict[str, Any]:
+        """Pipeline keyword arguments from the encoder's tensors (cast to the denoiser's dtype)."""
+        denoiser = getattr(pipe, self.denoiser_attr)
+        return {
+            name: value.to(denoiser.device, denoiser.dtype if value.is_floating_point() else value.dtype)
+            for name, value in embeds.items()
+        }
+
+    def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
+        """Further pipeline arguments a family needs (e.g. a negative prompt of None)."""
+        return {}
+
+    def resolve_params(self, pipe: Any, request: dict) -> dict[str, Any]:
+        """The generation parameters as the pipeline will use them, for the decoder and the PNG."""
+        height, width = self.default_size(pipe)
+        steps = request.get("steps")
+        return {
+            "model": request["model"],
+            "prompt": request["prompt"],
+            "negative_prompt": request.get("negative_prompt") or "",
+            "seed": request["seed"],
+            "steps": int(self.call_default(pipe, "num_inference_steps") if steps is None else steps),
+            "guidance": self.guidance(pipe, request),
+            "height": request.get("height") or height,
+            "width": request.get("width") or width,
+            "family": self.name,
+        }
+
+    def denoise(self, pipe: Any, embeds: Tensors, request: dict, on_step: StepFn) -> tuple[torch.Tensor, dict]:
+        """Run the pipeline on received embeddings to latents: (num_images, C, h, w) on CPU."""
+        params = self.resolve_params(pipe, request)
+        multiple = self.size_multiple(pipe)
+        for side in ("height", "width"):
+            if params[side] % multiple:
+                raise ValueError(f"{side} must be a multiple of {multiple} for {self.name} (got {params[side]})")
+        count = int(request["num_images"])
+        generators = [torch.Generator("cpu").manual_seed(int(request["seed"]) + i) for i in range(count)]
+        kwargs: dict[str, Any] = {
+            **self.embed_kwargs(pipe, embeds),
+            **self.extra_kwargs(pipe, request),
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance"],
+            "height": params["height"],
+            "width": params["width"],
+            "num_images_per_prompt": count,
+            "generator": generators,
+            "output_type": "latent",
+            **self._progress_kwargs(pipe, params["steps"], on_step),
+        }
+        latents = pipe(**kwargs).images
+        return latents.cpu(), params
+
+    @staticmethod
+    def _progress_kwargs(pipe: Any, steps: int, on_step: StepFn) -> dict[str, Any]:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+        if "callback_on_step_end" in parameters:
+
+            def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+                on_step(i + 1, int(getattr(pipe, "num_timesteps", None) or steps))
+                return callback_kwargs
+
+            return {"callback_on_step_end": on_step_end}
+        if "callback" in parameters:
+            return {"callback": lambda i, t, latents: on_step(i + 1, steps), "callback_steps": 1}
+        return {}
+
+    # --- stage 3: decode --------------------------------------------------------------------
+
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+        """Latents -> image tensor in [-1, 1], (B, 3, H, W): the VAE with this family's scaling."""
+        vae = pipe.vae
+        latents = latents.to(vae.device, vae.dtype)
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: dict) -> list[Image.Image]:
+        image = self.decode_latents(pipe, latents, params)
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])

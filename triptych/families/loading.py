@@ -1,0 +1,76 @@
+"""Load one stage of a pipeline: its family's pipeline class with only that stage's components."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from triptych.families import DENOISE, Family, family_for_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedStage:
+    family: Family
+    pipe: Any
+    model_index: dict
+
+
+def read_model_index(model: str) -> dict:
+    """model_index.json of a local folder or a hub id (only that file is fetched)."""
+    import diffusers
+
+    config = diffusers.DiffusionPipeline.load_config(model)
+    if "_class_name" not in config:
+        raise ValueError(f"{model}: model_index.json names no pipeline class")
+    return dict(config)
+
+
+def model_name(model: str) -> str:
+    """The name a model is routed by: a local folder's name, or the hub id."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
+def component_names(model_index: dict) -> list[str]:
+    return [key for key, value in model_index.items() if not key.startswith("_") and isinstance(value, list | tuple)]
+
+
+def load_stage(model: str, stage: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedStage:
+    import diffusers
+
+    model_index = read_model_index(model)
+    family = family_for_pipeline(model_index["_class_name"])
+    keep = family.components[stage]
+    skipped = {name: None for name in component_names(model_index) if name not in keep}
+    pipeline_class = getattr(diffusers, model_index["_class_name"])
+    logger.info("loading %s %s for the %s (%s)", family.name, model, stage, ", ".join(keep))
+    pipe = pipeline_class.from_pretrained(model, dtype=dtype, **skipped)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if stage == DENOISE:
+        _apply_vae_config(pipe, model)
+    return LoadedStage(family=family, pipe=pipe, model_index=model_index)
+
+
+def _apply_vae_config(pipe: Any, model: str) -> None:
+    """The denoiser has no VAE, but its latent size depends on the VAE's scale factor."""
+    import diffusers
+
+    try:
+        config = diffusers.AutoencoderKL.load_config(model, subfolder="vae")
+    except (OSError, ValueError):
+        logger.warning("%s: no vae/config.json; assuming a scale factor of 8", model)
+        return
+    blocks = config.get("block_out_channels")
+    if blocks:
+        scale = 2 ** (len(blocks) - 1)
+        pipe.vae_scale_factor = scale
+        processor = getattr(pipe, "image_processor", None)
+        if processor is not None:
+            pipe.image_processor = type(processor)(vae_scale_factor=scale)

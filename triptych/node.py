@@ -1,0 +1,132 @@
+"""Starting a node: load its stage of the model, then serve jobs from the broker until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from protocol.messages import DECODER, DENOISER, ENCODER
+from protocol.worker import Handler, Worker
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def add_node_arguments(parser: argparse.ArgumentParser, service: str) -> None:
+    default_device = "auto" if service == DENOISER else "cpu"
+    parser.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
+    parser.add_argument("--name", help="name the model is served under (default: folder name or hub id)")
+    parser.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    parser.add_argument(
+        "--device", default=default_device, help=f"torch device (default {default_device}; auto = cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weights dtype (default auto: float32 on CPU, the family's own on CUDA)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _handler_factory(service: str) -> Callable:
+    if service == ENCODER:
+        from encoder_node.handler import EncoderHandler
+
+        return EncoderHandler
+    if service == DENOISER:
+        from denoiser_node.handler import DenoiserHandler
+
+        return DenoiserHandler
+    from decoder_node.handler import DecoderHandler
+
+    return DecoderHandler
+
+
+def _resolve(service: str, device: str, dtype: str, family_dtype) -> tuple[str, object]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        torch_dtype = family_dtype if (service == DENOISER and device.startswith("cuda")) else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    if device == "cpu" and torch_dtype == torch.float16:
+        raise SystemExit("float16 is not supported on the CPU (layer norms reject it): use float32 or bfloat16")
+    return device, torch_dtype
+
+
+def serve(service: str, args: argparse.Namespace) -> int:
+    """Load the stage and serve until SIGTERM/SIGINT; the job in hand is finished first."""
+    from triptych.families import UnsupportedModel, family_for_pipeline
+    from triptych.families.loading import load_stage, model_name, read_model_index
+
+    try:
+        family = family_for_pipeline(read_model_index(args.model)["_class_name"])
+    except (UnsupportedModel, OSError, ValueError) as exc:
+        print(f"triptych {service}: {exc}", file=sys.stderr)
+        return 2
+    device, dtype = _resolve(service, args.device, args.dtype, family.cuda_dtype)
+    stage = load_stage(args.model, service, device=device, dtype=dtype)
+    name = args.name or model_name(args.model)
+    handler: Handler = _handler_factory(service)(stage)
+    info = {"family": family.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
+    worker = Worker(args.broker, service, name, handler, info=info)
+
+    def stop(signum: int, frame: object) -> None:
+        logger.info("signal %d: finishing the current job, then stopping", signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _exit_with_parent(worker.stop)
+    logger.info(
+        "%s serving model %s (%s) on %s %s via %s", service, name, family.name, device, info["dtype"], args.broker
+    )
+    worker.run()
+    return 0
+
+
+def _exit_with_parent(stop: threading.Event) -> None:
+    """A node started by `triptych up` stops when its launcher dies, so no orphan holds a GPU."""
+    parent = os.environ.get("TRIPTYCH_PARENT_PID")
+    if not parent:
+        return
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != int(parent):
+                logger.warning("launcher %s is gone: stopping", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def configure_logging(level: str) -> None:
+    quiet = getattr(logging, level.upper(), logging.INFO) >= logging.WARNING
+    # Hub libraries print import-time notices and progress bars; a quiet node shows only problems.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if quiet else "warning")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error" if quiet else "warning")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(service: str, argv: Sequence[str] | None = None) -> None:
+    assert service in (ENCODER, DENOISER, DECODER)
+    parser = argparse.ArgumentParser(prog=f"python -m {service}_node", description=f"triptych {service} node")
+    add_node_arguments(parser, service)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    sys.exit(serve(service, args))

@@ -1,0 +1,595 @@
+"""Tiny random-weight diffusers checkpoints, built entirely offline.
+
+Each builder assembles a real diffusers pipeline of one model family with miniature
+configs shaped like the released model's (same component classes, schedulers, scaling
+factors, a VAE with four blocks so ``vae_scale_factor`` is 8), then ``save_pretrained``
+writes it as a normal checkpoint folder (``model_index.json`` + one subfolder per
+component) that ``DiffusionPipeline.from_pretrained(folder)`` loads back.
+
+Tokenizers are built from small in-memory vocabularies, so nothing is ever downloaded.
+Weights are random but deterministic given ``seed``; everything stays fp32.
+
+These checkpoints serve the parity tests against diffusers and the offline demo model
+of ``triptych run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+# Words that get whole-word tokens, so common prompts tokenize into a handful of ids
+# rather than one id per character (any other text still tokenizes, just longer).
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "or",
+    "to",
+    "by",
+    "for",
+    "from",
+    "is",
+    "are",
+    "photo",
+    "picture",
+    "painting",
+    "drawing",
+    "portrait",
+    "landscape",
+    "render",
+    "image",
+    "art",
+    "style",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "fish",
+    "tree",
+    "flower",
+    "forest",
+    "mountain",
+    "river",
+    "lake",
+    "sea",
+    "sky",
+    "sun",
+    "moon",
+    "city",
+    "street",
+    "house",
+    "car",
+    "boat",
+    "man",
+    "woman",
+    "child",
+    "astronaut",
+    "robot",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "dark",
+    "light",
+    "bright",
+    "big",
+    "small",
+    "old",
+    "new",
+    "beautiful",
+    "detailed",
+    "high",
+    "quality",
+    "low",
+    "blurry",
+    "ugly",
+]
+
+# text_encoder_scale=N aims at about N * 100 MB of fp32 text-encoder weights.
+_SCALE_BYTES = 100 * 10**6
+# Each wide FFN matrix holds 2**21 weights (8 MB fp32) whatever the hidden size, so the
+# encoder grows while its output width (what the denoiser consumes) does not change.
+_WIDE_FFN_WEIGHTS = 2**21
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _seeded(seed: int, component: int) -> Iterator[None]:
+    """Seed torch for one component's init without disturbing the caller's RNG state.
+
+    Each component gets its own stream (seed, component) so two same-shaped encoders
+    of one checkpoint do not end up with identical weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1009 + component)
+        yield
+
+
+def _scaled_ffn(hidden: int, scale: int, matrices: int) -> tuple[int, int]:
+    """(layers, ffn width) giving about ``scale`` * 100 MB of FFN weights at width ``hidden``.
+
+    ``matrices`` is the count of hidden x ffn matrices per layer (2 plain, 3 gated).
+    """
+    ffn = _WIDE_FFN_WEIGHTS // hidden
+    per_layer = matrices * _WIDE_FFN_WEIGHTS * 4
+    return max(1, round(scale * _SCALE_BYTES / per_layer)), ffn
+
+
+@cache
+def _byte_chars() -> tuple[str, ...]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP table)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in kept}
+    shifted = 256
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(shifted)
+            shifted += 1
+    return tuple(table[b] for b in range(256))
+
+
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encode ``pieces``: repeatedly join the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
+def _clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """Byte-level BPE CLIP tokenizer: every byte (alone and word-final), plus whole words.
+
+    Laid out like OpenAI's vocab: byte tokens, then merges, then the two specials last.
+    """
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in _byte_chars():
+            vocab[char + suffix] = len(vocab)
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        # Split the word as the merges so far would, then join what is left left to
+        # right with new, lowest-priority merges, so each word ends as one token
+        # even when shorter words ("to", "at") hide inside it.
+        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks.setdefault(pair, len(ranks))
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    for special in ("<|startoftext|>", "<|endoftext|>", pad_token):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), pad_token=pad_token, model_max_length=max_length)
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """Unigram T5 tokenizer: specials first as in T5, then characters, then whole words.
+
+    Scores are log-probabilities; whole words score higher than their spelled-out
+    characters so the Viterbi split prefers them.
+    """
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()&/"
+    pieces += [(char, -8.0) for char in chars]
+    pieces += [("▁" + char, -7.0) for char in chars]
+    pieces += [("▁" + word, -3.0) for word in _WORDS]
+    # extra_ids=0: the sentinel tokens are only for T5's span-corruption pretraining.
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, scale: int, **overrides: object) -> CLIPTextConfig:
+    layers, ffn = (2, hidden * 2) if scale == 1 else _scaled_ffn(hidden, scale, matrices=2)
+    kwargs: dict[str, object] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": hidden,
+        # CLIPTextModel pools at the first eos_token_id, so the ids must be the tokenizer's.
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    kwargs.update(overrides)
+    return CLIPTextConfig(**kwargs)
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, scale: int) -> T5EncoderModel:
+    """T5 v1.1 style encoder (gated GELU, untied head) of width ``d_model``."""
+    layers, d_ff = (2, d_model * 2) if scale == 1 else _scaled_ffn(d_model, scale, matrices=3)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _sd_vae(**overrides: object) -> AutoencoderKL:
+    """SD-style KL VAE with four blocks (so vae_scale_factor is 8) and tiny channels."""
+    kwargs: dict[str, object] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (8, 16, 16, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 4,
+        "scaling_factor": 0.18215,
+    }
+    kwargs.update(overrides)
+    return AutoencoderKL(**kwargs)
+
+
+# -------------------------------------------------------------------------- families
+
+
+def _build_sd(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Stable Diffusion 1.5 layout: CLIP-L text encoder, UNet, KL VAE, PNDM."""
+    tokenizer = _clip_tokenizer()
+    hidden = 32
+    with _seeded(seed, 0):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden, text_encoder_scale))
+    with _seeded(seed, 1):
+        unet = UNet2DConditionModel(
+            sample_size=8,  # latent 8x8 -> 64x64 px by default
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            norm_num_groups=32,
+            cross_attention_dim=hidden,  # consumes the encoder's last hidden state
+            # SD1.5 quirk kept: attention_head_dim really means the number of heads.
+            attention_head_dim=4,
+        )
+    with _seeded(seed, 2):
+        vae = _sd_vae(sample_size=64)
+    # SD1.5's scheduler config: PLMS without the Runge-Kutta warm-up steps.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _pixart_scheduler() -> DPMSolverMultistepScheduler:
+    """PixArt's released scheduler config: DPM-Solver++ (2M) over a linear beta schedule."""
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="epsilon",
+        lower_order_final=True,
+    )
+
+
+def _pixart_transformer(caption_channels: int, **overrides: object) -> PixArtTransformer2DModel:
+    kwargs: dict[str, object] = dict(
+        # The pipeline only knows aspect-ratio bins for 32/64/128; 32 -> 256 px default.
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,  # learned sigma: the pipeline keeps the first 4 channels
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,  # equals heads * head_dim, as in the real model
+        caption_channels=caption_channels,  # T5 d_model, projected to the inner width
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        num_embeds_ada_norm=1000,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+    )
+    kwargs.update(overrides)
+    return PixArtTransformer2DModel(**kwargs)
+
+
+def _build_pixart_alpha(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """PixArt-alpha layout: T5 encoder, PixArt DiT, SD KL VAE, DPM-Solver++."""
+    tokenizer = _t5_tokenizer()
+    d_model = 32
+    with _seeded(seed, 0):
+        text_encoder = _t5_encoder(tokenizer, d_model, text_encoder_scale)
+    with _seeded(seed, 1):
+        transformer = _pixart_transformer(caption_channels=d_model)
+    with _seeded(seed, 2):
+        vae = _sd_vae(sample_size=256)
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=_pixart_scheduler(),
+    )
+
+
+def _build_pixart_sigma(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """PixArt-Sigma layout: as alpha, but the SDXL VAE and no size micro-conditions."""
+    tokenizer = _t5_tokenizer()
+    d_model = 32
+    with _seeded(seed, 0):
+        text_encoder = _t5_encoder(tokenizer, d_model, text_encoder_scale)
+    with _seeded(seed, 1):
+        # Sigma checkpoints set this explicitly; alpha derives it from sample_size.
+        transformer = _pixart_transformer(caption_channels=d_model, use_additional_conditions=False)
+    with _seeded(seed, 2):
+        vae = _sd_vae(sample_size=256, scaling_factor=0.13025)
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=_pixart_scheduler(),
+    )
+
+
+def _build_sdxl(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """SDXL base layout: CLIP-L + CLIP-G (with projection), text-time UNet, Euler."""
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer(pad_token="!")  # the OpenCLIP bigG tokenizer pads with "!"
+    hidden, hidden_2 = 32, 32
+    time_embed_dim = 8
+    with _seeded(seed, 0):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden, 1))
+    with _seeded(seed, 1):
+        # CLIP-G is SDXL's big encoder, so it is the one text_encoder_scale grows.
+        config_2 = _clip_text_config(tokenizer_2, hidden_2, text_encoder_scale, hidden_act="gelu")
+        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    with _seeded(seed, 2):
+        unet = UNet2DConditionModel(
+            sample_size=8,  # latent 8x8 -> 64x64 px by default
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=32,
+            # Both encoders' penultimate hidden states, concatenated on the feature axis.
+            cross_attention_dim=hidden + hidden_2,
+            # Micro-conditions: 6 size/crop numbers, each embedded to time_embed_dim,
+            # plus CLIP-G's pooled projection.
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + config_2.projection_dim,
+        )
+    with _seeded(seed, 3):
+        vae = _sd_vae(sample_size=64, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float, sample_size: int) -> AutoencoderKL:
+    """SD3 / Flux VAE: 16 latent channels, shifted and scaled, no quant convs."""
+    return _sd_vae(
+        latent_channels=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=sample_size,
+    )
+
+
+def _build_sd3(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """SD3 medium layout: CLIP-L + CLIP-G + T5, MMDiT, 16-channel VAE, flow matching."""
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer(pad_token="!")
+    tokenizer_3 = _t5_tokenizer()
+    hidden, hidden_2 = 32, 32
+    # The pipeline zero-pads the concatenated CLIP states up to the T5 width, so T5
+    # must be at least as wide as both CLIPs together (4096 >= 768 + 1280 in SD3).
+    d_model = 64
+    with _seeded(seed, 0):
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, hidden, 1))
+    with _seeded(seed, 1):
+        config_2 = _clip_text_config(tokenizer_2, hidden_2, 1, hidden_act="gelu")
+        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    with _seeded(seed, 2):
+        text_encoder_3 = _t5_encoder(tokenizer_3, d_model, text_encoder_scale)
+    with _seeded(seed, 3):
+        transformer = SD3Transformer2DModel(
+            sample_size=8,  # latent 8x8 -> 64x64 px by default
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            caption_projection_dim=32,  # heads * head_dim, as in the real model
+            joint_attention_dim=d_model,
+            pooled_projection_dim=hidden + hidden_2,  # both CLIPs' pooled projections
+            pos_embed_max_size=32,  # positional table covers latents up to 64x64
+        )
+    with _seeded(seed, 4):
+        vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609, sample_size=64)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_flux(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """FLUX.1-dev layout: CLIP-L (pooled) + T5, guidance-distilled MMDiT, flow matching.
+
+    FluxPipeline's default size is fixed at 1024x1024 whatever the checkpoint says.
+    """
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    hidden, d_model = 32, 32
+    with _seeded(seed, 0):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden, 1))
+    with _seeded(seed, 1):
+        text_encoder_2 = _t5_encoder(tokenizer_2, d_model, text_encoder_scale)
+    with _seeded(seed, 2):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels packed as 2x2 patches
+            num_layers=1,
+            num_single_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=d_model,
+            pooled_projection_dim=hidden,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),  # RoPE splits the head dim over (text id, y, x)
+        )
+    with _seeded(seed, 3):
+        vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024)
+    # FLUX.1-dev's scheduler: the shift grows with image token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+_BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
+    "sd": _build_sd,
+    "pixart-alpha": _build_pixart_alpha,
+    "pixart-sigma": _build_pixart_sigma,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+}
+
+FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0, text_encoder_scale: int = 1) -> Path:
+    """Write a tiny random checkpoint of `family` into `path` (created), return path."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if text_encoder_scale < 1:
+        raise ValueError(f"text_encoder_scale must be >= 1, got {text_encoder_scale}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipeline = _BUILDERS[family](seed, text_encoder_scale)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    logger.info(
+        "wrote tiny %s checkpoint (seed=%d, text_encoder_scale=%d) to %s", family, seed, text_encoder_scale, path
+    )
+    return path
