@@ -119,6 +119,22 @@ def _check_spec(spec: Any) -> tuple[torch.dtype, tuple[int, ...], bytes | int]:
     return DTYPES[name], tuple(shape), ref
 
 
+_PLAIN_TYPES = (type(None), bool, int, float, str, bytes, torch.Tensor)
+
+
+def _check_plain(obj: Any) -> None:
+    """Refuse what msgpack rebuilds on its own besides plain values: its Timestamp (extension -1)."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif not isinstance(value, _PLAIN_TYPES):
+            raise CodecError(f"msgpack type {type(value).__name__} is not allowed on the wire")
+
+
 def decode(frames: Sequence[Frame]) -> Any:
     """Decode frames made by :func:`encode`; raises :class:`CodecError` on anything malformed."""
     if not frames:
@@ -161,6 +177,7 @@ def decode(frames: Sequence[Frame]) -> Any:
         raise
     except Exception as exc:  # msgpack raises several types on garbage, incl. ValueError/TypeError
         raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+    _check_plain(obj)
     if len(used) != len(frames) - 1:
         raise CodecError(f"{len(frames) - 1 - len(used)} frame(s) not referenced by the message")
     return obj

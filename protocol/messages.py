@@ -263,7 +263,7 @@ def from_frames(frames: list[Any]) -> Message:
     hints = _hints(cls)
     unknown = set(body) - set(hints)
     if unknown:
-        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown)}")
+        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown, key=str)}")  # keys: str or bytes
     for name, value in body.items():
         if not _accepts(hints[name], value):
             raise ProtocolError(f"{kind}: field {name!r} has the wrong type ({type(value).__name__})")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -34,17 +36,31 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -183,6 +199,21 @@ def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[
     return pieces
 
 
+def _add_word_merges(pieces: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) -> None:
+    """Add the merges (and merged tokens) that turn ``pieces`` into one token.
+
+    The word is first split as the merges so far would split it, then what is left is
+    joined left to right with new, lowest-priority merges; so each word ends as a single
+    token even when shorter words ("to", "at") hide inside it.
+    """
+    pieces = _apply_merges(pieces, ranks)
+    while len(pieces) > 1:
+        pair = (pieces[0], pieces[1])
+        ranks.setdefault(pair, len(ranks))
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+        pieces = [pair[0] + pair[1], *pieces[2:]]
+
+
 def _clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Byte-level BPE CLIP tokenizer: every byte (alone and word-final), plus whole words.
 
@@ -194,15 +225,7 @@ def _clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> C
             vocab[char + suffix] = len(vocab)
     ranks: dict[tuple[str, str], int] = {}
     for word in _WORDS:
-        # Split the word as the merges so far would, then join what is left left to
-        # right with new, lowest-priority merges, so each word ends as one token
-        # even when shorter words ("to", "at") hide inside it.
-        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks.setdefault(pair, len(ranks))
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = [pair[0] + pair[1], *pieces[2:]]
+        _add_word_merges([*word[:-1], word[-1] + "</w>"], vocab, ranks)
     for special in ("<|startoftext|>", "<|endoftext|>", pad_token):
         vocab.setdefault(special, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=list(ranks), pad_token=pad_token, model_max_length=max_length)
@@ -221,6 +244,79 @@ def _t5_tokenizer() -> T5Tokenizer:
     pieces += [("▁" + word, -3.0) for word in _WORDS]
     # extra_ids=0: the sentinel tokens are only for T5's span-corruption pretraining.
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _gemma_tokenizer() -> GemmaTokenizer:
+    """SentencePiece-style BPE Gemma tokenizer with byte fallback, so any text encodes.
+
+    Gemma marks spaces with "▁" (no dummy prefix) and prepends <bos>; ids follow Gemma's
+    layout (pad, eos, bos, unk, mask, then the 256 byte tokens).
+    """
+    vocab = {token: i for i, token in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for char in "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()&/\n":
+        vocab.setdefault(char, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        _add_word_merges(["▁", *word], vocab, ranks)
+    return GemmaTokenizer(vocab=vocab, merges=list(ranks), add_bos_token=True, model_max_length=8192)
+
+
+# Words of QwenImagePipeline's fixed system prompt. The pipeline drops the first 34 token
+# positions as "the template", counted for Qwen's real tokenizer; giving each word its own
+# token here keeps that count right, so the prompt's own tokens are what remains.
+_QWEN_TEMPLATE_WORDS = (
+    "system user assistant Describe the image by detailing color shape size texture"
+    " quantity text spatial relationships of objects and background"
+).split()
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Qwen3's chat format, reduced to what text-to-image pipelines render: a user turn, then
+# the assistant header (with an empty think block when thinking is switched off).
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def _qwen_tokenizer(chat_template: str | None = None) -> Qwen2Tokenizer:
+    """Byte-level BPE Qwen2 tokenizer (no end-of-word marks; "Ġ" stands for a space)."""
+    vocab = {char: i for i, char in enumerate(_byte_chars())}
+    space = _byte_chars()[ord(" ")]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in (*_QWEN_TEMPLATE_WORDS, *_WORDS):
+        _add_word_merges([space, *word], vocab, ranks)
+        _add_word_merges(list(word), vocab, ranks)  # at the start of a line
+    specials = [*_QWEN_SPECIALS, "<think>", "</think>"]
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=list(ranks),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        chat_template=chat_template,
+    )
+    # Special tokens must not be split by the byte-level pre-tokenizer.
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    return tokenizer
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, scale: int, **overrides: object) -> CLIPTextConfig:
@@ -567,6 +663,237 @@ def _build_flux(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     )
 
 
+def _build_sana(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Sana layout: Gemma-2 decoder as text encoder, linear-attention DiT, DC-AE (f32c32).
+
+    The DC-AE compresses 32x, so vae_scale_factor is 32 here, not 8.
+    """
+    tokenizer = _gemma_tokenizer()
+    hidden = 32
+    with _seeded(seed, 0):
+        layers, ffn = (2, hidden * 2) if text_encoder_scale == 1 else _scaled_ffn(hidden, text_encoder_scale, 3)
+        text_encoder = Gemma2Model(
+            Gemma2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=ffn,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                query_pre_attn_scalar=8,  # = head_dim, as in gemma-2-2b
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    with _seeded(seed, 1):
+        transformer = SanaTransformer2DModel(
+            # SanaPipeline defaults to 1024x1024 whatever the checkpoint, and bins sizes
+            # by sample_size; 32 (x32 DC-AE) is the 1024 px model, so no rescaling.
+            sample_size=32,
+            patch_size=1,
+            in_channels=32,
+            out_channels=32,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=16,
+            cross_attention_dim=32,
+            caption_channels=hidden,  # Gemma hidden size, projected to the inner width
+            mlp_ratio=2.5,
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+    with _seeded(seed, 2):
+        # DC-AE f32c32 shape: six stages (five 2x steps), convolutional ResBlocks high up,
+        # EfficientViT (linear attention) blocks in the three deepest stages; the first
+        # stage has no layers, so the stem itself downsamples.
+        vae = AutoencoderDC(
+            in_channels=3,
+            latent_channels=32,
+            attention_head_dim=8,
+            encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+            decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+            encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+            decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+            encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+            decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+            downsample_block_type="Conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
+            decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
+            scaling_factor=0.41407,
+        )
+    # Sana's released scheduler: DPM-Solver++ run on flow-matching sigmas.
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        lower_order_final=True,
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+def _build_qwenimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Qwen-Image layout: Qwen2.5-VL as text encoder, MMDiT, Wan-style causal 3D VAE.
+
+    QwenImagePipeline's default size is fixed at 1024x1024 whatever the checkpoint says.
+    """
+    tokenizer = _qwen_tokenizer()
+    hidden = 32
+    with _seeded(seed, 0):
+        layers, ffn = (2, hidden * 2) if text_encoder_scale == 1 else _scaled_ffn(hidden, text_encoder_scale, 3)
+        ids = tokenizer.convert_tokens_to_ids
+        config = Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": hidden,
+                "intermediate_size": ffn,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                # Multimodal RoPE splits the rotary half of each 8-wide head over
+                # (time, height, width), as [16, 24, 24] splits 64 in the real model.
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+                "bos_token_id": ids("<|endoftext|>"),
+                "eos_token_id": ids("<|im_end|>"),
+                "pad_token_id": ids("<|endoftext|>"),
+            },
+            # The vision tower is never run for text-to-image, but the class needs one.
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": hidden,
+                "fullatt_block_indexes": [0],
+            },
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    with _seeded(seed, 1):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,  # 16 latent channels packed as 2x2 patches
+            out_channels=16,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=hidden,  # the text encoder's last hidden state
+            guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),  # RoPE splits the head dim over (frame, y, x)
+        )
+    with _seeded(seed, 2):
+        # Three 2x spatial stages -> vae_scale_factor 8; keeps the real per-channel
+        # latents_mean / latents_std defaults, which the pipeline un-normalizes with.
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+        )
+    # Qwen-Image's scheduler: resolution-dependent exponential shift, ending at 0.02.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipeline = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # The pipeline cuts a fixed number of template tokens off the front of every prompt;
+    # fail loudly if this tokenizer would cut a different amount.
+    prefix = pipeline.prompt_template_encode.split("{}")[0]
+    if len(tokenizer(prefix).input_ids) != pipeline.prompt_template_encode_start_idx:
+        raise RuntimeError("tiny Qwen tokenizer no longer matches QwenImagePipeline's prompt template")
+    return pipeline
+
+
+def _build_zimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Z-Image layout: Qwen3 as text encoder (chat-formatted prompt), single-stream DiT, Flux VAE.
+
+    ZImagePipeline's default size is fixed at 1024x1024 whatever the checkpoint says.
+    """
+    tokenizer = _qwen_tokenizer(chat_template=_QWEN3_CHAT_TEMPLATE)
+    hidden = 32
+    with _seeded(seed, 0):
+        # The pipeline reads hidden_states[-2], so at least two layers are needed.
+        layers, ffn = (2, hidden * 2) if text_encoder_scale == 1 else _scaled_ffn(hidden, text_encoder_scale, 3)
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=ffn,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                max_position_embeddings=40960,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    with _seeded(seed, 1):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            qk_norm=True,
+            cap_feat_dim=hidden,  # the text encoder's penultimate hidden state
+            rope_theta=256.0,
+            t_scale=1000.0,
+            axes_dims=[8, 4, 4],  # RoPE splits the 16-wide head over (caption/frame, y, x)
+            axes_lens=[1024, 512, 512],
+        )
+    with _seeded(seed, 2):
+        vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd": _build_sd,
     "pixart-alpha": _build_pixart_alpha,
@@ -574,6 +901,9 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sdxl": _build_sdxl,
     "sd3": _build_sd3,
     "flux": _build_flux,
+    "sana": _build_sana,
+    "qwenimage": _build_qwenimage,
+    "zimage": _build_zimage,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)

@@ -1,0 +1,105 @@
+"""Real broker and node processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from triptych.client import Client, GenerationError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_pid(node: str) -> int:
+    """Nodes name themselves host:pid."""
+    return int(node.rsplit(":", 1)[1])
+
+
+class ProcessCluster:
+    """A broker plus any nodes, each its own OS process, with logs kept for failures."""
+
+    def __init__(self, log_dir: Path, address: str | None = None, prefix: list[str] | None = None) -> None:
+        self.address = address or f"tcp://127.0.0.1:{free_port()}"
+        self.log_dir = log_dir
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "ns1"]
+        self.processes: list[subprocess.Popen] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, name: str, args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}-{len(self.processes)}.log", "w")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = [*(self.prefix if prefix is None else prefix), sys.executable, "-m", *args]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.processes.append(process)
+        return process
+
+    def start_broker(self, bind: str | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
+        return self._spawn("broker", ["triptych", "broker", "--bind", bind or self.address], prefix)
+
+    def start_node(
+        self, service: str, model: Path | str, *extra: str, prefix: list[str] | None = None
+    ) -> subprocess.Popen:
+        args = [f"{service}_node", "--model", str(model), "--broker", self.address, "--log-level", "INFO", *extra]
+        return self._spawn(f"{service}-{Path(model).name}", args, prefix)
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.address, timeout=timeout)
+
+    def nodes(self) -> list[dict]:
+        with self.client() as client:
+            return client.status(timeout=5.0).nodes
+
+    def wait_for(self, expected: dict[tuple[str, str], int], timeout: float = 180.0) -> list[dict]:
+        """Wait until at least ``expected[(service, model)]`` nodes of each are registered."""
+        deadline = time.monotonic() + timeout
+        nodes: list[dict] = []
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    nodes = client.status(timeout=2.0).nodes
+                except GenerationError:
+                    continue
+                have = Counter((n["service"], n["model"]) for n in nodes)
+                if all(have[key] >= count for key, count in expected.items()):
+                    return nodes
+                time.sleep(0.3)
+        raise TimeoutError(f"nodes did not register in {timeout}s: have {nodes}\n{self.logs()}")
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.processes if p.poll() is not None and p.returncode not in (0, -9)]
+        if dead:
+            raise RuntimeError(f"process exited: {[p.args for p in dead]}\n{self.logs()}")
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-tail:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def generate_cli(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "triptych", "generate", *args, "--broker", self.address]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny checkpoints built once per session and one cluster that serves them."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.cluster import ProcessCluster
+from triptych.tiny import build_tiny_checkpoint
+
+# Test model name -> (tiny family, text encoder scale). The name is the checkpoint's folder name.
+MODELS = {
+    "sd-tiny": ("sd", 1),
+    "pixart-tiny": ("pixart-alpha", 1),
+    "sd-bigtext": ("sd", 4),  # a text encoder far larger than everything else
+}
+SERVICES = ("encoder", "denoiser", "decoder")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: build_tiny_checkpoint(family, root / name, text_encoder_scale=scale)
+        for name, (family, scale) in MODELS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def cluster(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
+    """One broker with an encoder, a denoiser and a decoder for every test model."""
+    procs = ProcessCluster(tmp_path_factory.mktemp("cluster-logs"))
+    procs.start_broker()
+    try:
+        for path in checkpoints.values():
+            for service in SERVICES:
+                procs.start_node(service, path)
+        procs.wait_for({(service, name): 1 for name in checkpoints for service in SERVICES})
+        yield procs
+    finally:
+        procs.stop()
+
+
+_PIPELINES: dict[Path, object] = {}
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The diffusers pipeline of a checkpoint, in this process: what triptych must reproduce."""
+    from diffusers import DiffusionPipeline
+
+    def run(path: Path, seed: int, **kwargs) -> Image.Image:
+        if path not in _PIPELINES:
+            pipe = DiffusionPipeline.from_pretrained(path)
+            pipe.set_progress_bar_config(disable=True)
+            _PIPELINES[path] = pipe
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return _PIPELINES[path](**kwargs, generator=generator).images[0]
+
+    return run
+
+
+def max_pixel_difference(png: bytes | Path, expected: Image.Image) -> int:
+    data = png.read_bytes() if isinstance(png, Path) else png
+    got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+    want = np.asarray(expected.convert("RGB")).astype(np.int16)
+    assert got.shape == want.shape, f"image shape {got.shape} != diffusers' {want.shape}"
+    return int(np.abs(got - want).max())

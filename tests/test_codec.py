@@ -1,0 +1,460 @@
+"""The wire codec: tensors and plain values round-trip bit for bit; anything malformed is a CodecError."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol import codec
+from protocol.codec import DTYPES, EXT_TENSOR, INLINE_MAX_BYTES, MAX_DIMS, CodecError
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor, so NaN payloads and -0.0 compare exactly."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_tensor(got: object, want: torch.Tensor) -> None:
+    assert isinstance(got, torch.Tensor)
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert torch.equal(bits(got), bits(want))
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Arbitrary bit patterns for numeric dtypes (NaNs, infs, subnormals included); 0/1 for bool."""
+    generator = torch.Generator().manual_seed(seed)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = int(np.prod(shape, dtype=np.int64))
+    high = 2 if dtype == torch.bool else 256
+    raw = torch.randint(0, high, (numel * itemsize,), dtype=torch.uint8, generator=generator)
+    return raw.view(dtype).reshape(shape)
+
+
+def roundtrip(obj: object) -> object:
+    return codec.decode(codec.encode(obj))
+
+
+def tensor_ext(name: object, shape: object, ref: object) -> msgpack.ExtType:
+    """A hand-made tensor extension, for specs that encode() would never produce."""
+    return msgpack.ExtType(EXT_TENSOR, msgpack.packb([name, shape, ref], use_bin_type=True))
+
+
+def header(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 4, 5), (600,)], ids=str)  # (600,) goes in a frame
+def test_every_allowed_dtype_roundtrips_bitwise(name, shape):
+    tensor = random_tensor(DTYPES[name], shape, seed=len(shape))
+    assert_same_tensor(roundtrip({"t": tensor})["t"], tensor)
+
+
+def test_special_float_values_survive_exactly():
+    values = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 3.4e38]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = torch.tensor(values, dtype=dtype)
+        assert_same_tensor(roundtrip(tensor), tensor)
+
+
+def test_bool_roundtrips():
+    tensor = torch.tensor([[True, False, True], [False, False, True]])
+    got = roundtrip(tensor)
+    assert got.dtype == torch.bool
+    assert got.tolist() == tensor.tolist()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.t(),  # transposed
+        lambda t: t[:, ::3],  # column step
+        lambda t: t[::2, 1::2],  # both
+        lambda t: t.t()[5:],  # transposed with an offset
+        lambda t: t.expand(3, -1, -1)[:, ::2],  # a zero stride
+    ],
+    ids=["transposed", "col-step", "row-col-step", "transposed-offset", "expanded"],
+)
+@pytest.mark.parametrize("rows", [4, 40], ids=["inline", "frame"])
+def test_non_contiguous_tensors_roundtrip(make, rows):
+    base = torch.arange(rows * 12, dtype=torch.float32).reshape(rows, 12)
+    view = make(base)
+    assert not view.is_contiguous()
+    got = roundtrip(view)
+    assert got.is_contiguous()
+    assert_same_tensor(got, view)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0, 2), (0, 0), (1, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_empty_tensors_roundtrip(shape, dtype):
+    got = roundtrip(torch.empty(shape, dtype=dtype))
+    assert got.shape == shape and got.dtype == dtype and got.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_zero_dim_tensors_roundtrip(dtype):
+    tensor = torch.tensor(1, dtype=dtype)
+    got = roundtrip(tensor)
+    assert got.dim() == 0
+    assert_same_tensor(got, tensor)
+
+
+def test_small_tensor_is_inline_and_large_one_gets_its_own_frame():
+    at_limit = torch.zeros(INLINE_MAX_BYTES // 4, dtype=torch.float32)
+    over_limit = torch.zeros(INLINE_MAX_BYTES // 4 + 1, dtype=torch.float32)
+    assert len(codec.encode({"t": at_limit})) == 1
+    frames = codec.encode({"t": over_limit})
+    assert len(frames) == 2
+    assert memoryview(frames[1]).nbytes == over_limit.numel() * 4
+    assert len(frames[0]) < 100  # the header holds a frame index, not the bytes
+
+
+def test_large_contiguous_tensor_is_not_copied_into_its_frame():
+    tensor = torch.arange(1000, dtype=torch.float32)
+    frames = codec.encode(tensor)
+    assert np.frombuffer(frames[1], dtype=np.uint8).ctypes.data == tensor.data_ptr()
+
+
+def test_every_large_tensor_gets_its_own_frame_in_order():
+    a, b, c = (random_tensor(torch.float32, (300,), seed=i) for i in range(3))
+    small = torch.ones(3)
+    obj = {"a": a, "nested": [small, {"b": b}], "c": c}
+    frames = codec.encode(obj)
+    assert len(frames) == 4
+    got = codec.decode(frames)
+    assert_same_tensor(got["a"], a)
+    assert_same_tensor(got["nested"][0], small)
+    assert_same_tensor(got["nested"][1]["b"], b)
+    assert_same_tensor(got["c"], c)
+
+
+def test_decoded_tensor_shares_memory_with_its_frame():
+    tensor = torch.arange(1000, dtype=torch.int32)
+    frames = codec.encode(tensor)
+    buffer = bytearray(frames[1])
+    got = codec.decode([frames[0], buffer])
+    buffer[0] = 0xFF
+    assert got[0].item() == 0xFF
+
+
+@pytest.mark.parametrize("as_frame", [bytes, memoryview, bytearray], ids=["bytes", "memoryview", "bytearray"])
+def test_decode_accepts_any_buffer(as_frame):
+    tensor = random_tensor(torch.bfloat16, (40, 40))
+    frames = [as_frame(bytes(frame)) for frame in codec.encode({"x": tensor, "y": torch.ones(2)})]
+    got = codec.decode(frames)
+    assert_same_tensor(got["x"], tensor)
+    assert_same_tensor(got["y"], torch.ones(2))
+
+
+@pytest.fixture
+def pair():
+    ctx = zmq.Context()
+    address = f"inproc://codec-{uuid.uuid4().hex}"
+    send, recv = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    send.bind(address)
+    recv.connect(address)
+    yield send, recv
+    send.close(linger=0)
+    recv.close(linger=0)
+    ctx.term()
+
+
+def test_decode_zmq_frames_received_without_copy(pair):
+    send, recv = pair
+    large = random_tensor(torch.float16, (64, 33), seed=3)
+    small = random_tensor(torch.int8, (5,), seed=4)
+    obj = {"large": large, "small": small, "meta": {"id": "x", "n": [1, 2.5, None, b"raw"]}}
+    send.send_multipart(codec.encode(obj), copy=False)
+    frames = recv.recv_multipart(copy=False)
+    assert len(frames) == 2 and all(isinstance(frame, zmq.Frame) for frame in frames)
+    got = codec.decode(frames)
+    assert_same_tensor(got["large"], large)
+    assert_same_tensor(got["small"], small)
+    assert got["meta"] == {"id": "x", "n": [1, 2.5, None, b"raw"]}
+
+
+def test_nested_structures_with_tensors_roundtrip():
+    embeds = random_tensor(torch.bfloat16, (1, 77, 32), seed=1)
+    mask = torch.tensor([[True, False]])
+    obj = {
+        "request": {"prompt": "a cat", "steps": None, "guidance": 7.5, "seed": 2**63 - 1},
+        "embeds": {"prompt_embeds": embeds, "masks": [mask, mask.t()]},
+        "list": [[torch.tensor(3)], [], {}],
+        "blob": b"\x00\xff",
+        "flag": False,
+    }
+    got = roundtrip(obj)
+    assert got["request"] == obj["request"]
+    assert_same_tensor(got["embeds"]["prompt_embeds"], embeds)
+    assert_same_tensor(got["embeds"]["masks"][0], mask)
+    assert_same_tensor(got["embeds"]["masks"][1], mask.t())
+    assert_same_tensor(got["list"][0][0], torch.tensor(3))
+    assert got["list"][1:] == [[], {}]
+    assert got["blob"] == b"\x00\xff" and got["flag"] is False
+
+
+def test_numpy_arrays_travel_as_tensors():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert_same_tensor(roundtrip(array), torch.from_numpy(array))
+
+
+def test_tensor_requiring_grad_is_encoded_detached():
+    tensor = torch.randn(3, requires_grad=True)
+    assert_same_tensor(roundtrip(tensor * 2), (tensor * 2).detach())
+
+
+# --- encoding refusals ------------------------------------------------------------------------
+
+
+class Custom:
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{1, 2}, Custom(), object(), 1 + 2j, torch.float32, 2**64],
+    ids=["set", "custom-class", "object", "complex", "dtype", "int-too-big"],
+)
+def test_encode_refuses_values_msgpack_cannot_carry(value):
+    with pytest.raises(CodecError):
+        codec.encode({"payload": [value]})
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.uint16, torch.float8_e4m3fn])
+def test_encode_refuses_dtypes_off_the_allow_list(dtype):
+    with pytest.raises(CodecError, match="not allowed"):
+        codec.encode({"t": torch.zeros(4, dtype=dtype)})
+
+
+def test_encode_refuses_complex_numpy_arrays():
+    with pytest.raises(CodecError):
+        codec.encode(np.zeros(3, dtype=np.complex64))
+
+
+def test_encode_refuses_tensors_off_the_cpu():
+    with pytest.raises(CodecError, match="CPU"):
+        codec.encode(torch.zeros(4, device="meta"))
+
+
+# --- decoding refusals ------------------------------------------------------------------------
+
+
+def test_valid_hand_made_message_decodes():
+    """The hand-made helpers produce what decode() accepts, so the refusals below test one thing each."""
+    data = np.arange(6, dtype=np.float32).tobytes()
+    frames = [header({"a": tensor_ext("float32", [2, 3], data), "b": tensor_ext("float32", [2, 3], 1)}), data]
+    got = codec.decode(frames)
+    assert got["a"].tolist() == got["b"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("name", ["complex64", "float128", "object", "Float32", "", 5, None, b"float32"])
+def test_decode_refuses_unknown_dtype(name):
+    with pytest.raises(CodecError):
+        codec.decode([header(tensor_ext(name, [1], b"\x00" * 4))])
+
+
+@pytest.mark.parametrize("length", [0, 23, 25, 48], ids=["empty", "short-by-one", "long-by-one", "double"])
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "frame"])
+def test_decode_refuses_byte_length_not_matching_shape(length, inline):
+    data = b"\x01" * length  # shape (2, 3) of float32 needs 24 bytes
+    frames = [header(tensor_ext("float32", [2, 3], data))] if inline else [header(tensor_ext("float32", [2, 3], 1)), data]
+    with pytest.raises(CodecError, match="byte length"):
+        codec.decode(frames)
+
+
+def test_decode_refuses_data_for_an_empty_shape():
+    with pytest.raises(CodecError):
+        codec.decode([header(tensor_ext("int8", [3, 0], b"\x00"))])
+
+
+@pytest.mark.parametrize("code", [0, 2, 42, 127])
+def test_decode_refuses_unknown_extension_type(code):
+    with pytest.raises(CodecError, match="extension"):
+        codec.decode([header({"x": msgpack.ExtType(code, b"\x93\xa7float32\x91\x01\xc4\x04\x00\x00\x00\x00")})])
+
+
+def test_decode_refuses_msgpack_timestamps():
+    """Timestamps are msgpack extension -1, which msgpack decodes itself: it is not a tensor."""
+    with pytest.raises(CodecError):
+        codec.decode([header({"when": msgpack.Timestamp(1, 0)})])
+
+
+@pytest.mark.parametrize("ref", [0, 2, 99, -1], ids=["zero", "past-end", "far", "negative"])
+def test_decode_refuses_frame_index_out_of_range(ref):
+    data = b"\x00" * 8
+    with pytest.raises(CodecError, match="frame index"):
+        codec.decode([header(tensor_ext("float64", [1], ref)), data])
+
+
+def test_decode_refuses_a_frame_used_twice():
+    data = b"\x00" * 8
+    frames = [header([tensor_ext("float64", [1], 1), tensor_ext("float64", [1], 1)]), data]
+    with pytest.raises(CodecError, match="used twice"):
+        codec.decode(frames)
+
+
+def test_decode_refuses_unreferenced_frames():
+    frames = [bytes(f) for f in codec.encode({"t": torch.zeros(1000)})]
+    with pytest.raises(CodecError, match="not referenced"):
+        codec.decode([*frames, b"extra"])
+    with pytest.raises(CodecError, match="not referenced"):
+        codec.decode([header({"a": 1}), b""])
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\xc1", b"\x92\x01", b"\xdb\xff\xff\xff\xff", b"\x81\x01\x02", "not bytes", 12345, None],
+    ids=["empty", "never-used-byte", "truncated-array", "huge-str-length", "int-map-key", "str", "int", "none"],
+)
+def test_decode_refuses_garbage(frame):
+    with pytest.raises(CodecError):
+        codec.decode([frame])
+
+
+def test_decode_refuses_no_frames():
+    with pytest.raises(CodecError):
+        codec.decode([])
+
+
+def test_decode_refuses_trailing_bytes_after_the_document():
+    with pytest.raises(CodecError):
+        codec.decode([header({"a": 1}) + b"\x01"])
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[-1], [2, -3], [1.0], ["2"], [True], [None], [[2]], 4, "4", None, {"0": 1}],
+    ids=str,
+)
+def test_decode_refuses_bad_shape_entries(shape):
+    with pytest.raises(CodecError, match="shape"):
+        codec.decode([header(tensor_ext("uint8", shape, b"\x00"))])
+
+
+def test_decode_refuses_too_many_dims():
+    ok = [1] * MAX_DIMS
+    assert codec.decode([header(tensor_ext("uint8", ok, b"\x07"))]).shape == tuple(ok)
+    with pytest.raises(CodecError, match="shape"):
+        codec.decode([header(tensor_ext("uint8", [1] * (MAX_DIMS + 1), b"\x07"))])
+
+
+@pytest.mark.parametrize("shape", [[2**20, 2**20, 2**20], [0, 2**62, 2**62], [0, 2**64 - 1]], ids=str)
+def test_decode_refuses_absurd_sizes_without_allocating(shape):
+    with pytest.raises(CodecError):
+        codec.decode([header(tensor_ext("float32", shape, 1)), b""])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [["float32", [1]], ["float32", [1], b"\x00" * 4, "extra"], {"dtype": "float32"}, "float32", None],
+    ids=["two-items", "four-items", "map", "str", "nil"],
+)
+def test_decode_refuses_malformed_spec(spec):
+    ext = msgpack.ExtType(EXT_TENSOR, msgpack.packb(spec, use_bin_type=True))
+    with pytest.raises(CodecError):
+        codec.decode([header(ext)])
+
+
+@pytest.mark.parametrize("ref", ["\x00\x00\x00\x00", True, 1.0, None, [1]], ids=["str", "bool", "float", "nil", "list"])
+def test_decode_refuses_data_that_is_neither_bytes_nor_index(ref):
+    with pytest.raises(CodecError, match="bytes or a frame index"):
+        codec.decode([header(tensor_ext("float32", [1], ref)), b"\x00" * 4])
+
+
+def test_decode_refuses_a_spec_that_is_not_msgpack():
+    with pytest.raises(CodecError, match="spec"):
+        codec.decode([header(msgpack.ExtType(EXT_TENSOR, b"\xc1\xc1"))])
+
+
+# --- properties -------------------------------------------------------------------------------
+
+
+@st.composite
+def tensors(draw) -> torch.Tensor:
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
+    if draw(st.booleans()):  # a size that needs its own frame
+        shape = (*shape[:1], draw(st.integers(100, 700)))
+    tensor = random_tensor(dtype, shape, seed=draw(st.integers(0, 2**32)))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "stepped"]))
+    if layout == "transposed" and tensor.dim() >= 2:
+        tensor = tensor.transpose(0, -1)
+    elif layout == "stepped" and tensor.dim() >= 1:
+        tensor = tensor[:: draw(st.integers(1, 3))]
+    return tensor
+
+
+@FAST
+@given(tensors())
+def test_property_random_tensors_roundtrip_exactly(tensor):
+    frames = codec.encode({"t": tensor})
+    assert len(frames) == (1 if tensor.numel() * tensor.element_size() <= INLINE_MAX_BYTES else 2)
+    assert_same_tensor(codec.decode(frames)["t"], tensor)
+
+
+def _valid_message() -> list[bytes]:
+    obj = {
+        "small": torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32),
+        "flags": torch.tensor([True, False]),
+        "large": random_tensor(torch.bfloat16, (2, 300), seed=7),
+        "meta": {"id": "r1", "seeds": [1, 2, 3], "scale": 0.5, "raw": b"xy", "none": None},
+    }
+    return [bytes(frame) for frame in codec.encode(obj)]
+
+
+@st.composite
+def mutated_frames(draw) -> list[bytes | bytearray]:
+    frames: list[bytes | bytearray] = [bytearray(frame) for frame in _valid_message()]
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["set", "flip", "truncate", "insert", "drop_frame", "add_frame", "swap_frames"]))
+        index = draw(st.integers(0, len(frames) - 1)) if frames else 0
+        if op == "drop_frame" and frames:
+            del frames[index]
+        elif op == "add_frame":
+            frames.insert(draw(st.integers(0, len(frames))), bytearray(draw(st.binary(max_size=16))))
+        elif op == "swap_frames" and len(frames) >= 2:
+            frames[0], frames[-1] = frames[-1], frames[0]
+        elif frames and frames[index]:
+            frame = frames[index]
+            at = draw(st.integers(0, len(frame) - 1))
+            if op == "set":
+                frame[at] = draw(st.integers(0, 255))
+            elif op == "flip":
+                frame[at] ^= 1 << draw(st.integers(0, 7))
+            elif op == "truncate":
+                del frame[at:]
+            else:
+                frame[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return frames
+
+
+@FAST
+@given(mutated_frames())
+def test_property_mutated_messages_decode_or_raise_codec_error(frames):
+    try:
+        codec.decode(frames)
+    except CodecError:
+        pass
+
+
+@FAST
+@given(st.binary(max_size=64), st.lists(st.binary(max_size=8), max_size=3))
+def test_property_random_bytes_decode_or_raise_codec_error(first, rest):
+    try:
+        codec.decode([first, *rest])
+    except CodecError:
+        pass

@@ -1,0 +1,127 @@
+"""End to end through real processes: the CLI's PNGs equal the diffusers pipeline's images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from decoder_node.png import read_metadata
+from tests.conftest import SERVICES, max_pixel_difference
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "a red fox in the snow, photo"
+NEGATIVE = "blurry, low quality"
+
+
+@pytest.mark.parametrize(
+    ("model", "height", "width"),
+    [("sd-tiny", 64, 96), ("pixart-tiny", 200, 320)],  # non-square; 200x320 exercises PixArt's binning
+)
+def test_cli_png_matches_diffusers(cluster, checkpoints, reference, tmp_path, model, height, width):
+    result = cluster.generate_cli(
+        PROMPT,
+        *("--model", model, "--negative-prompt", NEGATIVE, "--steps", "5", "--guidance", "6.5"),
+        *("--height", str(height), "--width", str(width), "--seed", "1234", "--out", str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert len(paths) == 1 and paths[0].exists(), result.stdout  # stdout holds the paths and nothing else
+    expected = reference(
+        checkpoints[model],
+        1234,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=5,
+        guidance_scale=6.5,
+        height=height,
+        width=width,
+    )
+    assert max_pixel_difference(paths[0], expected) <= 1
+    meta = read_metadata(paths[0].read_bytes())
+    assert meta["prompt"] == PROMPT and meta["negative_prompt"] == NEGATIVE
+    assert (meta["seed"], meta["steps"], meta["guidance"]) == ("1234", "5", "6.5")
+    assert (meta["height"], meta["width"], meta["model"]) == (str(height), str(width), model)
+
+
+@pytest.mark.parametrize("model", ["sd-tiny", "pixart-tiny"])
+def test_default_options_match_diffusers_defaults(cluster, checkpoints, reference, tmp_path, model):
+    result = cluster.generate_cli(PROMPT, "--model", model, "--seed", "77", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = [Path(line) for line in result.stdout.splitlines()]
+    expected = reference(checkpoints[model], 77, prompt=PROMPT)
+    assert max_pixel_difference(path, expected) <= 1
+    meta = read_metadata(path.read_bytes())
+    assert int(meta["width"]) == expected.width and int(meta["height"]) == expected.height
+
+
+def test_num_images_each_with_its_own_seed(cluster, checkpoints, reference, tmp_path):
+    result = cluster.generate_cli(
+        PROMPT, "--model", "sd-tiny", "--steps", "4", "--seed", "500", "--num-images", "3", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert len(paths) == 3 and len(set(paths)) == 3
+    for i, path in enumerate(paths):
+        assert read_metadata(path.read_bytes())["seed"] == str(500 + i)
+        # Image i equals diffusers run alone with seed 500 + i: batching does not change results.
+        expected = reference(checkpoints["sd-tiny"], 500 + i, prompt=PROMPT, num_inference_steps=4)
+        assert max_pixel_difference(path, expected) <= 1
+
+
+def test_random_seed_is_reported_and_stored(cluster, tmp_path):
+    result = cluster.generate_cli(PROMPT, "--model", "sd-tiny", "--steps", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    reported = next(line for line in result.stderr.splitlines() if line.startswith("seed: ")).split()[1]
+    (path,) = result.stdout.split()
+    assert read_metadata(Path(path).read_bytes())["seed"] == reported
+
+
+def test_model_may_be_omitted_only_when_one_is_served(cluster, tmp_path):
+    result = cluster.generate_cli(PROMPT, "--steps", "2", "--out", str(tmp_path), "--timeout", "20")
+    assert result.returncode != 0
+    assert "several models" in result.stderr and "sd-tiny" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_model_fails_after_timeout_naming_it(cluster, tmp_path):
+    result = cluster.generate_cli(PROMPT, "--model", "no-such-model", "--seed", "1", "--timeout", "2", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "no encoder node serves model no-such-model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_field_is_named(cluster, tmp_path):
+    result = cluster.generate_cli(PROMPT, "--model", "sd-tiny", "--steps", "0", "--out", str(tmp_path))
+    assert result.returncode != 0 and "steps must be between 1" in result.stderr
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+
+
+def test_each_node_holds_only_its_own_weights(cluster, checkpoints):
+    from tests.cluster import node_pid
+
+    with cluster.client() as client:  # make every node do real work first
+        for model in ("sd-tiny", "sd-bigtext"):
+            client.generate(PROMPT, model=model, steps=2, seed=1)
+    peak = {(n["service"], n["model"]): _peak_rss(node_pid(n["node"])) for n in cluster.nodes()}
+    extra = _weights_bytes(checkpoints["sd-bigtext"] / "text_encoder") - _weights_bytes(
+        checkpoints["sd-tiny"] / "text_encoder"
+    )
+    assert extra > 300 << 20, "the big checkpoint's text encoder should be hundreds of MB larger"
+    grown = {service: peak[(service, "sd-bigtext")] - peak[(service, "sd-tiny")] for service in SERVICES}
+    assert grown["encoder"] > 0.8 * extra, grown
+    assert grown["denoiser"] < 0.1 * extra, grown
+    assert grown["decoder"] < 0.1 * extra, grown
+
+
+
