@@ -25,11 +25,14 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
@@ -48,6 +51,7 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -56,6 +60,8 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -64,6 +70,7 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    TokenizersBackend,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,14 +173,16 @@ def _seeded(seed: int, component: int) -> Iterator[None]:
         yield
 
 
-def _scaled_ffn(hidden: int, scale: int, matrices: int) -> tuple[int, int]:
+def _scaled_ffn(hidden: int, scale: int, matrices: int, min_layers: int = 1) -> tuple[int, int]:
     """(layers, ffn width) giving about ``scale`` * 100 MB of FFN weights at width ``hidden``.
 
     ``matrices`` is the count of hidden x ffn matrices per layer (2 plain, 3 gated).
+    Extra depth comes first; ``min_layers`` keeps encoders whose pipelines read deep
+    hidden states deep enough, the FFN then widening to make up the size.
     """
-    ffn = _WIDE_FFN_WEIGHTS // hidden
-    per_layer = matrices * _WIDE_FFN_WEIGHTS * 4
-    return max(1, round(scale * _SCALE_BYTES / per_layer)), ffn
+    target = scale * _SCALE_BYTES
+    layers = max(min_layers, round(target / (matrices * _WIDE_FFN_WEIGHTS * 4)))
+    return layers, round(target / (layers * matrices * hidden * 4))
 
 
 @cache
@@ -317,6 +326,74 @@ def _qwen_tokenizer(chat_template: str | None = None) -> Qwen2Tokenizer:
     # Special tokens must not be split by the byte-level pre-tokenizer.
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     return tokenizer
+
+
+# Mistral's control tokens, in Tekken's id order (a prefix of its 1000 reserved ids).
+_MISTRAL_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)
+# Mistral Small 3.1's chat format for text turns (content may be a string or a list of
+# {"type": "text"} parts, as Flux2Pipeline sends).
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '[INST]' + text + '[/INST]' }}"
+    "{%- else -%}{{ text + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def _mistral_tokenizer() -> TokenizersBackend:
+    """Byte-level BPE tokenizer laid out like Mistral's Tekken (controls, bytes, merges).
+
+    A plain tokenizer with a chat template: the released FLUX.2 checkpoint ships a
+    PixtralProcessor here, which needs torchvision; for text prompts the processor only
+    forwards to its tokenizer, so the pipeline behaves the same.
+    """
+    vocab = {token: i for i, token in enumerate(_MISTRAL_SPECIALS)}
+    for char in _byte_chars():
+        vocab[char] = len(vocab)
+    space = _byte_chars()[ord(" ")]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        _add_word_merges([space, *word], vocab, ranks)
+        _add_word_merges(list(word), vocab, ranks)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(ranks), unk_token="<unk>", fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return TokenizersBackend(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=[t for t in _MISTRAL_SPECIALS if t.startswith("[")],
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+        model_max_length=131072,
+    )
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, scale: int, **overrides: object) -> CLIPTextConfig:
@@ -894,6 +971,96 @@ def _build_zimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     )
 
 
+def _build_flux2(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """FLUX.2-dev layout: Mistral Small 3.1 as text encoder, Flux2 MMDiT, 32-channel VAE.
+
+    The pipeline stacks the text encoder's hidden states 10, 20 and 30 on the feature
+    axis, so the encoder keeps the real depth (40 layers, each tiny) and the denoiser's
+    text width is 3 x hidden. Its default size is fixed at 1024x1024.
+    """
+    tokenizer = _mistral_tokenizer()
+    hidden, depth = 32, 40
+    with _seeded(seed, 0):
+        layers, ffn = (depth, hidden * 2)
+        if text_encoder_scale > 1:
+            layers, ffn = _scaled_ffn(hidden, text_encoder_scale, 3, min_layers=depth)
+        ids = tokenizer.convert_tokens_to_ids
+        config = Mistral3Config(
+            text_config={
+                "model_type": "mistral",
+                "vocab_size": len(tokenizer),
+                "hidden_size": hidden,
+                "intermediate_size": ffn,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "max_position_embeddings": 131072,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000000.0},
+                "sliding_window": None,
+                "bos_token_id": ids("<s>"),
+                "eos_token_id": ids("</s>"),
+                "pad_token_id": ids("<pad>"),
+            },
+            # The Pixtral vision tower is never run for text-to-image, but the class needs one.
+            vision_config={
+                "model_type": "pixtral",
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 64,
+                "patch_size": 16,
+            },
+            image_token_index=ids("[IMG]"),
+            tie_word_embeddings=False,
+        )
+        text_encoder = Mistral3ForConditionalGeneration(config)
+    with _seeded(seed, 1):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=128,  # 32 latent channels packed as 2x2 patches
+            num_layers=1,
+            num_single_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=3 * hidden,
+            timestep_guidance_channels=256,
+            mlp_ratio=3.0,
+            axes_dims_rope=(4, 4, 4, 4),  # RoPE splits the head dim over (t, y, x, text id)
+            rope_theta=2000,
+            guidance_embeds=True,
+        )
+    with _seeded(seed, 2):
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=32,
+            sample_size=1024,
+        )
+    # FLUX.2's scheduler: the pipeline passes an empirical mu for the time shift.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    return Flux2Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd": _build_sd,
     "pixart-alpha": _build_pixart_alpha,
@@ -904,6 +1071,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sana": _build_sana,
     "qwenimage": _build_qwenimage,
     "zimage": _build_zimage,
+    "flux2": _build_flux2,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
