@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -201,7 +202,7 @@ def _byte_chars() -> tuple[str, ...]:
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encode ``pieces``: repeatedly join the adjacent pair of lowest rank."""
     while len(pieces) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(pieces)))
         if rank == len(ranks):
             break
         pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
@@ -276,9 +277,9 @@ def _gemma_tokenizer() -> GemmaTokenizer:
 # positions as "the template", counted for Qwen's real tokenizer; giving each word its own
 # token here keeps that count right, so the prompt's own tokens are what remains.
 _QWEN_TEMPLATE_WORDS = (
-    "system user assistant Describe the image by detailing color shape size texture"
-    " quantity text spatial relationships of objects and background"
-).split()
+    *("system", "user", "assistant", "Describe", "the", "image", "by", "detailing", "color", "shape"),
+    *("size", "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and", "background"),
+)
 _QWEN_SPECIALS = (
     "<|endoftext|>",
     "<|im_start|>",
