@@ -15,7 +15,8 @@ import zmq
 from protocol import messages
 from protocol.broker_core import BrokerCore
 from protocol.codec import CodecError
-from protocol.sockets import bind_router
+from protocol.security import Curve, secure_server
+from protocol.sockets import router
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,19 @@ POLL_MS = 100  # how often the core gets a tick when the socket is quiet
 
 
 class Broker:
-    def __init__(self, address: str, *, core: BrokerCore | None = None, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        core: BrokerCore | None = None,
+        curve: Curve | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.core = core or BrokerCore()
-        self.socket = bind_router(self.ctx, address)
+        self.socket = router(self.ctx)
+        self.authenticator = secure_server(self.ctx, self.socket, curve)
+        self.socket.bind(address)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0  # malformed messages seen
 
@@ -49,6 +59,8 @@ class Broker:
                 self._flush()
         finally:
             self.socket.close(linger=0)
+            if self.authenticator is not None:
+                self.authenticator.stop()
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import zmq
 
+from protocol.security import Curve, secure_client
+
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both directions
 HEARTBEAT_LIVENESS = 3  # missed heartbeats before a peer is presumed dead
 MAX_MESSAGE_BYTES = 1 << 31  # ZMQ_MAXMSGSIZE: one frame larger than this drops the connection
@@ -18,16 +20,18 @@ def _common(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-def bind_router(ctx: zmq.Context, address: str) -> zmq.Socket:
-    """The broker's one socket: clients and nodes all connect to it."""
+def router(ctx: zmq.Context) -> zmq.Socket:
+    """The broker's one socket (bind it after any CURVE options): clients and nodes all connect to it."""
     sock = _common(ctx.socket(zmq.ROUTER))
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same identity takes over
-    sock.bind(address)
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:
+def connect_dealer(
+    ctx: zmq.Context, address: str, identity: bytes | None = None, curve: Curve | None = None
+) -> zmq.Socket:
     sock = _common(ctx.socket(zmq.DEALER))
+    secure_client(sock, curve)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -34,6 +34,7 @@ from protocol.messages import (
     WorkerGoodbye,
     WorkerReady,
 )
+from protocol.security import Curve
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, connect_dealer
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,11 @@ class Worker:
         *,
         capacity: int = 1,
         info: dict | None = None,
+        curve: Curve | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
         self.broker = broker
+        self.curve = curve
         self.ready = WorkerReady(service=service, model=model, node=node_name(), capacity=capacity, info=info or {})
         self.handler = handler
         self.ctx = ctx or zmq.Context.instance()
@@ -162,7 +165,7 @@ class Worker:
         from_compute.close(linger=0)
 
     def _connect(self) -> zmq.Socket:
-        dealer = connect_dealer(self.ctx, self.broker)
+        dealer = connect_dealer(self.ctx, self.broker, curve=self.curve)
         dealer.send_multipart(messages.to_frames(self.ready))
         return dealer
 

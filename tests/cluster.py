@@ -89,7 +89,12 @@ class ProcessCluster:
     def generate_cli(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "triptych", "generate", *args, "--broker", self.address]
         return subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
     def stop(self) -> None:

@@ -435,7 +435,12 @@ def test_a_malformed_result_fails_the_request(service, payload):
 
 @pytest.mark.parametrize(
     ("changes", "field"),
-    [({"steps": 0}, "steps"), ({"num_images": 17}, "num_images"), ({"height": 100}, "height"), ({"request_id": ""}, "request_id")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"num_images": 17}, "num_images"),
+        ({"height": 100}, "height"),
+        ({"request_id": ""}, "request_id"),
+    ],
 )
 def test_an_invalid_request_fails_naming_the_field(changes, field):
     sim = Sim()

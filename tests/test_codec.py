@@ -271,7 +271,9 @@ def test_decode_refuses_unknown_dtype(name):
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "frame"])
 def test_decode_refuses_byte_length_not_matching_shape(length, inline):
     data = b"\x01" * length  # shape (2, 3) of float32 needs 24 bytes
-    frames = [header(tensor_ext("float32", [2, 3], data))] if inline else [header(tensor_ext("float32", [2, 3], 1)), data]
+    frames = (
+        [header(tensor_ext("float32", [2, 3], data))] if inline else [header(tensor_ext("float32", [2, 3], 1)), data]
+    )
     with pytest.raises(CodecError, match="byte length"):
         codec.decode(frames)
 

@@ -86,7 +86,9 @@ def test_model_may_be_omitted_only_when_one_is_served(cluster, tmp_path):
 
 
 def test_unknown_model_fails_after_timeout_naming_it(cluster, tmp_path):
-    result = cluster.generate_cli(PROMPT, "--model", "no-such-model", "--seed", "1", "--timeout", "2", "--out", str(tmp_path))
+    result = cluster.generate_cli(
+        PROMPT, "--model", "no-such-model", "--seed", "1", "--timeout", "2", "--out", str(tmp_path)
+    )
     assert result.returncode != 0
     assert "no encoder node serves model no-such-model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -122,6 +124,3 @@ def test_each_node_holds_only_its_own_weights(cluster, checkpoints):
     assert grown["encoder"] > 0.8 * extra, grown
     assert grown["denoiser"] < 0.1 * extra, grown
     assert grown["decoder"] < 0.1 * extra, grown
-
-
-

@@ -80,7 +80,9 @@ def test_kill_9_mid_request_still_completes(pool, checkpoints, reference, servic
         freeze()
     try:
         with pool.client(timeout=120) as client:
-            images = client.generate(PROMPT, model="sd-tiny", steps=steps, seed=42, num_images=3, on_progress=on_progress)
+            images = client.generate(
+                PROMPT, model="sd-tiny", steps=steps, seed=42, num_images=3, on_progress=on_progress
+            )
     finally:
         for pid in frozen:
             if pid not in killed:

@@ -127,7 +127,9 @@ def test_roundtrip_through_plain_bytes():
 
 
 def test_defaults_are_filled_in_when_fields_are_absent():
-    got = messages.from_frames(raw({"v": PROTOCOL_VERSION, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1}))
+    got = messages.from_frames(
+        raw({"v": PROTOCOL_VERSION, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1})
+    )
     assert got == GenerateRequest(request_id="r", prompt="p", seed=1)
     assert got.num_images == 1 and got.model == "" and got.steps is None
 

@@ -19,7 +19,14 @@ from typing import Any
 
 from protocol.messages import DECODER, DENOISER, ENCODER, ProgressEvent
 from triptych.client import DEFAULT_BROKER, Client, GeneratedImage, GenerationError
-from triptych.node import add_node_arguments, configure_logging, serve
+from triptych.node import (
+    add_curve_client_arguments,
+    add_node_arguments,
+    configure_logging,
+    curve_from_args,
+    exit_with_parent,
+    serve,
+)
 
 logger = logging.getLogger("triptych")
 
@@ -48,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = commands.add_parser("broker", help="route work between clients and nodes")
     broker.add_argument("--bind", default=DEFAULT_BROKER, help=f"address to listen on (default {DEFAULT_BROKER})")
+    broker.add_argument(
+        "--max-requests", type=int, default=1000, help="requests in flight before new ones get 'busy' (default 1000)"
+    )
+    broker.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
+    broker.add_argument("--curve-authorized", type=Path, help="folder of the public keys (*.key) allowed in")
     _add_log_level(broker)
+
+    keygen = commands.add_parser("keygen", help="write a CURVE key pair (zmq.auth format)")
+    keygen.add_argument("--dir", required=True, type=Path, help="folder for the key files")
+    keygen.add_argument("--name", required=True, help="writes NAME.key (public) and NAME.key_secret")
+    _add_log_level(keygen)
 
     for service, text in (
         (ENCODER, "serve a model's text encoders (CPU)"),
@@ -68,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_options(generate)
     generate.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
     generate.add_argument("--model", default="", help="model name (default: the broker's only model)")
+    add_curve_client_arguments(generate)
 
     run = commands.add_parser("run", help="up + generate + shut down, in one command")
     _add_generate_options(run)
     run.add_argument("--model", help="hub id or local folder (default: a small random-weight demo model)")
     _add_device_options(run)
+    add_curve_client_arguments(run)
     return parser
 
 
@@ -88,12 +107,34 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from protocol.broker import Broker
+    from protocol.broker_core import BrokerCore
+    from protocol.security import Curve, KeyFileError
 
     stop = threading.Event()
     _on_signals(stop)
-    broker = Broker(args.bind)
+    exit_with_parent(stop)
+    curve = None
+    if args.curve_secret or args.curve_authorized:
+        if not (args.curve_secret and args.curve_authorized):
+            print("triptych broker: CURVE needs both --curve-secret and --curve-authorized", file=sys.stderr)
+            return 2
+        curve = Curve(secret_file=args.curve_secret, authorized_dir=args.curve_authorized)
+    try:
+        broker = Broker(args.bind, core=BrokerCore(max_requests=args.max_requests), curve=curve)
+    except KeyFileError as exc:
+        print(f"triptych broker: {exc}", file=sys.stderr)
+        return 2
     print(f"broker listening on {broker.address}", file=sys.stderr, flush=True)
     broker.serve(stop)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from protocol.security import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(public)
+    print(secret)
     return 0
 
 
@@ -126,7 +167,7 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = _ProgressBar()
     try:
-        with Client(broker or args.broker, timeout=args.timeout) as client:
+        with Client(broker or args.broker, timeout=args.timeout, curve=curve_from_args(args)) as client:
             images = client.generate(
                 args.prompt,
                 model=args.model or "",
@@ -154,7 +195,7 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from triptych.launcher import Cluster, LaunchError
+    from triptych.launcher import Cluster, ClusterCurve, LaunchError
 
     model = args.model
     if model is None:
@@ -163,9 +204,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("triptych: demo model with random weights — pass --model for real images", file=sys.stderr)
         model = str(demo_model())
     with tempfile.TemporaryDirectory(prefix="triptych-") as folder:
-        bind = f"ipc://{folder}/broker"
+        bind = f"ipc://{folder}/broker.sock"
         try:
-            with Cluster(model, bind=bind, device=args.device, dtype=args.dtype, log_level="WARNING"):
+            curve = None
+            if args.curve_secret is not None:
+                curve = ClusterCurve.create(Path(folder), args.curve_secret, args.curve_broker)
+                args.curve_broker = curve.broker_public
+            elif args.curve_broker is not None:
+                raise LaunchError("--curve-broker needs --curve-secret")
+            with Cluster(model, bind=bind, device=args.device, dtype=args.dtype, log_level="WARNING", curve=curve):
                 args.model = ""
                 return cmd_generate(args, broker=bind)
         except LaunchError as exc:
@@ -219,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_broker(args)
     if args.command in (ENCODER, DENOISER, DECODER):
         return serve(args.command, args)
+    if args.command == "keygen":
+        return cmd_keygen(args)
     if args.command == "up":
         return cmd_up(args)
     if args.command == "generate":

@@ -25,17 +25,17 @@ from protocol.messages import (
     GenerateRequest,
     ImageResult,
     ProgressEvent,
-    RequestAccepted,
     RequestFailed,
     StatusReply,
     StatusRequest,
 )
+from protocol.security import Curve
 from protocol.sockets import connect_dealer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
-RESEND_INTERVAL = 2.0  # seconds between resends of a request the broker has not acknowledged
+RESEND_INTERVAL = 3.0  # seconds of silence about a request before it is sent again
 
 
 class GenerationError(RuntimeError):
@@ -60,11 +60,19 @@ class GeneratedImage:
 
 
 class Client:
-    def __init__(self, broker: str = DEFAULT_BROKER, *, timeout: float = 300.0, ctx: zmq.Context | None = None):
+    def __init__(
+        self,
+        broker: str = DEFAULT_BROKER,
+        *,
+        timeout: float = 300.0,
+        curve: Curve | None = None,
+        ctx: zmq.Context | None = None,
+    ):
         self.broker = broker
         self.timeout = timeout
+        self.curve = curve
         self._ctx = ctx or zmq.Context.instance()
-        self._socket = connect_dealer(self._ctx, broker)
+        self._socket = connect_dealer(self._ctx, broker, curve=curve)
 
     def __enter__(self) -> Client:
         return self
@@ -112,23 +120,26 @@ class Client:
 
     def _run(self, request: GenerateRequest, on_progress: Callable | None) -> list[GeneratedImage]:
         images: dict[int, GeneratedImage] = {}
-        deadline = time.monotonic() + request.timeout + 5.0  # the broker's own timeout fires first
-        accepted = False
+        start = time.monotonic()
+        deadline = start + request.timeout + 5.0  # the broker's own timeout message comes first
+        heard = False  # anything at all from the broker about this request
         next_send = 0.0
         while len(images) < request.num_images:
             now = time.monotonic()
+            if not heard and now > start + request.timeout:
+                raise GenerationError(self._silence())
             if now > deadline:
-                if not accepted:
-                    raise GenerationError(f"the broker at {self.broker} did not answer within {request.timeout:g}s")
                 raise GenerationError(f"timed out after {request.timeout:g}s")
-            if not accepted and now >= next_send:
-                self._send(request)  # resent until acknowledged; the broker dedupes by request id
+            if now >= next_send:
+                # Sent again whenever the broker has been quiet about it: a restarted broker then
+                # picks it up under the same id, and a live one only acknowledges it (it dedupes).
+                self._send(request)
                 next_send = now + RESEND_INTERVAL
-            wait = min(deadline, next_send if not accepted else deadline) - now
-            msg = self._receive(max(wait, 0.0))
+            msg = self._receive(max(min(deadline, next_send) - now, 0.0))
             if msg is None or getattr(msg, "request_id", None) != request.request_id:
                 continue
-            accepted = True
+            heard = True
+            next_send = time.monotonic() + RESEND_INTERVAL
             match msg:
                 case ImageResult() if msg.index not in images and 0 <= msg.index < request.num_images:
                     images[msg.index] = GeneratedImage(index=msg.index, seed=msg.seed, png=msg.png, params=msg.params)
@@ -136,9 +147,12 @@ class Client:
                     raise GenerationError(msg.error, retryable=msg.retryable)
                 case ProgressEvent() if on_progress is not None:
                     on_progress(msg)
-                case RequestAccepted():
-                    pass
         return [images[i] for i in range(request.num_images)]
+
+    def _silence(self) -> str:
+        if self.curve is not None:
+            return f"the broker at {self.broker} did not answer: authentication failed or the broker is down"
+        return f"the broker at {self.broker} did not answer: is it running (and does it require CURVE keys)?"
 
     def status(self, timeout: float = 5.0) -> StatusReply:
         """Nodes, queues and requests in flight, as the broker sees them."""
@@ -149,7 +163,7 @@ class Client:
             msg = self._receive(left)
             if isinstance(msg, StatusReply) and msg.request_id == request_id:
                 return msg
-        raise GenerationError(f"the broker at {self.broker} did not answer within {timeout:g}s")
+        raise GenerationError(self._silence())
 
     def _send(self, msg: messages.Message) -> None:
         try:

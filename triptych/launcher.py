@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from protocol.messages import SERVICES
 from triptych.client import Client, GenerationError
@@ -18,6 +20,44 @@ logger = logging.getLogger(__name__)
 
 class LaunchError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ClusterCurve:
+    """CURVE for a launched cluster: the broker's key pair and the one key its nodes and client use."""
+
+    broker_secret: Path
+    broker_public: Path
+    authorized_dir: Path
+    member_secret: Path
+
+    @classmethod
+    def create(cls, folder: Path, member_secret: Path, broker_public: Path | None = None) -> ClusterCurve:
+        """Authorize ``member_secret``'s public key; use ``broker_public`` (its .key_secret beside it)
+        as the broker's key pair, or make a throwaway one in ``folder``."""
+        import zmq.auth
+
+        from protocol.security import generate_keys
+
+        if broker_public is None:
+            broker_public, broker_secret = generate_keys(folder / "broker", "broker")
+        else:
+            broker_secret = broker_public.with_suffix(".key_secret")
+            if not broker_secret.exists():
+                raise LaunchError(f"the broker's secret key {broker_secret} is needed to start a broker")
+        try:
+            member_public, _ = zmq.auth.load_certificate(member_secret)
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"cannot read {member_secret}: {exc}") from exc
+        authorized = folder / "authorized"
+        authorized.mkdir(parents=True, exist_ok=True)
+        (authorized / "member.key").write_text(f'curve\n    public-key = "{member_public.decode()}"\n')
+        return cls(broker_secret, broker_public, authorized, member_secret)
+
+    def client(self):
+        from protocol.security import Curve
+
+        return Curve(secret_file=self.member_secret, broker_public_file=self.broker_public)
 
 
 class Cluster:
@@ -33,7 +73,9 @@ class Cluster:
         dtype: str = "auto",
         log_level: str = "INFO",
         extra_env: dict[str, str] | None = None,
+        curve: ClusterCurve | None = None,
     ) -> None:
+        self.curve = curve
         self.model = model
         self.bind = bind
         self.name = name
@@ -61,8 +103,14 @@ class Cluster:
         self.processes[key] = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL)
 
     def start(self) -> None:
-        self._spawn("broker", ["triptych", "broker", "--bind", self.bind])
-        named = ["--name", self.name] if self.name else []
+        broker_args, node_args = [], []
+        if self.curve is not None:
+            broker_args = ["--curve-secret", str(self.curve.broker_secret)]
+            broker_args += ["--curve-authorized", str(self.curve.authorized_dir)]
+            node_args = ["--curve-secret", str(self.curve.member_secret)]
+            node_args += ["--curve-broker", str(self.curve.broker_public)]
+        self._spawn("broker", ["triptych", "broker", "--bind", self.bind, *broker_args])
+        named = ["--name", self.name, *node_args] if self.name else node_args
         for service in SERVICES:
             args = [f"{service}_node", "--model", self.model, "--broker", self.bind, *named]
             if service == "denoiser":
@@ -72,7 +120,7 @@ class Cluster:
     def wait_ready(self, timeout: float = 600.0) -> list[dict]:
         """Block until a node of each kind has registered; raises if a process exits first."""
         deadline = time.monotonic() + timeout
-        with Client(self.bind) as client:
+        with Client(self.bind, curve=self.curve.client() if self.curve else None) as client:
             while time.monotonic() < deadline:
                 for key, process in self.processes.items():
                     if process.poll() is not None:

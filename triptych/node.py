@@ -9,8 +9,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from protocol.messages import DECODER, DENOISER, ENCODER
+from protocol.security import Curve
 from protocol.worker import Handler, Worker
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,22 @@ def add_node_arguments(parser: argparse.ArgumentParser, service: str) -> None:
         help="weights dtype (default auto: float32 on CPU, the family's own on CUDA)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_curve_client_arguments(parser)
+
+
+def add_curve_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--curve-secret", type=Path, help="this side's CURVE secret key file (NAME.key_secret)")
+    parser.add_argument("--curve-broker", type=Path, help="the broker's CURVE public key file (NAME.key)")
+
+
+def curve_from_args(args: argparse.Namespace) -> Curve | None:
+    """CURVE settings of a client or node; both flags or neither."""
+    secret, broker = getattr(args, "curve_secret", None), getattr(args, "curve_broker", None)
+    if secret is None and broker is None:
+        return None
+    if secret is None or broker is None:
+        raise SystemExit("CURVE needs both --curve-secret and --curve-broker")
+    return Curve(secret_file=secret, broker_public_file=broker)
 
 
 def _handler_factory(service: str) -> Callable:
@@ -79,7 +97,7 @@ def serve(service: str, args: argparse.Namespace) -> int:
     name = args.name or model_name(args.model)
     handler: Handler = _handler_factory(service)(stage)
     info = {"family": family.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
-    worker = Worker(args.broker, service, name, handler, info=info)
+    worker = Worker(args.broker, service, name, handler, info=info, curve=curve_from_args(args))
 
     def stop(signum: int, frame: object) -> None:
         logger.info("signal %d: finishing the current job, then stopping", signum)
@@ -87,7 +105,7 @@ def serve(service: str, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    _exit_with_parent(worker.stop)
+    exit_with_parent(worker.stop)
     logger.info(
         "%s serving model %s (%s) on %s %s via %s", service, name, family.name, device, info["dtype"], args.broker
     )
@@ -95,8 +113,8 @@ def serve(service: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_with_parent(stop: threading.Event) -> None:
-    """A node started by `triptych up` stops when its launcher dies, so no orphan holds a GPU."""
+def exit_with_parent(stop: threading.Event) -> None:
+    """A process started by `triptych up`/`run` stops when its launcher dies: no orphan holds a GPU."""
     parent = os.environ.get("TRIPTYCH_PARENT_PID")
     if not parent:
         return

@@ -78,79 +78,18 @@ logger = logging.getLogger(__name__)
 
 # Words that get whole-word tokens, so common prompts tokenize into a handful of ids
 # rather than one id per character (any other text still tokenizes, just longer).
-_WORDS = [
-    "a",
-    "an",
-    "the",
-    "of",
-    "in",
-    "on",
-    "at",
-    "with",
-    "and",
-    "or",
-    "to",
-    "by",
-    "for",
-    "from",
-    "is",
-    "are",
-    "photo",
-    "picture",
-    "painting",
-    "drawing",
-    "portrait",
-    "landscape",
-    "render",
-    "image",
-    "art",
-    "style",
-    "cat",
-    "dog",
-    "bird",
-    "horse",
-    "fish",
-    "tree",
-    "flower",
-    "forest",
-    "mountain",
-    "river",
-    "lake",
-    "sea",
-    "sky",
-    "sun",
-    "moon",
-    "city",
-    "street",
-    "house",
-    "car",
-    "boat",
-    "man",
-    "woman",
-    "child",
-    "astronaut",
-    "robot",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "black",
-    "white",
-    "dark",
-    "light",
-    "bright",
-    "big",
-    "small",
-    "old",
-    "new",
-    "beautiful",
-    "detailed",
-    "high",
-    "quality",
-    "low",
-    "blurry",
-    "ugly",
-]
+_WORDS = tuple(
+    word
+    for line in (
+        "a an the of in on at with and or to by for from is are",
+        "photo picture painting drawing portrait landscape render image art style",
+        "cat dog bird horse fish tree flower forest mountain river lake sea sky sun moon",
+        "city street house car boat man woman child astronaut robot",
+        "red green blue yellow black white dark light bright",
+        "big small old new beautiful detailed high quality low blurry ugly",
+    )
+    for word in line.split()
+)
 
 # text_encoder_scale=N aims at about N * 100 MB of fp32 text-encoder weights.
 _SCALE_BYTES = 100 * 10**6
@@ -398,6 +337,7 @@ def _mistral_tokenizer() -> TokenizersBackend:
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, scale: int, **overrides: object) -> CLIPTextConfig:
+    """CLIP text tower config of width ``hidden`` matching ``tokenizer``'s ids (77 positions)."""
     layers, ffn = (2, hidden * 2) if scale == 1 else _scaled_ffn(hidden, scale, matrices=2)
     kwargs: dict[str, object] = {
         "vocab_size": len(tokenizer),
@@ -519,24 +459,25 @@ def _pixart_scheduler() -> DPMSolverMultistepScheduler:
 
 
 def _pixart_transformer(caption_channels: int, **overrides: object) -> PixArtTransformer2DModel:
-    kwargs: dict[str, object] = dict(
+    """PixArt DiT (adaLN-single, cross-attention to T5) with a 256 px default."""
+    kwargs: dict[str, object] = {
         # The pipeline only knows aspect-ratio bins for 32/64/128; 32 -> 256 px default.
-        sample_size=32,
-        patch_size=2,
-        in_channels=4,
-        out_channels=8,  # learned sigma: the pipeline keeps the first 4 channels
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        cross_attention_dim=32,  # equals heads * head_dim, as in the real model
-        caption_channels=caption_channels,  # T5 d_model, projected to the inner width
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        num_embeds_ada_norm=1000,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-    )
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 8,  # learned sigma: the pipeline keeps the first 4 channels
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "cross_attention_dim": 32,  # equals heads * head_dim, as in the real model
+        "caption_channels": caption_channels,  # T5 d_model, projected to the inner width
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "num_embeds_ada_norm": 1000,
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+    }
     kwargs.update(overrides)
     return PixArtTransformer2DModel(**kwargs)
 
@@ -961,6 +902,11 @@ def _build_zimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
             axes_dims=[8, 4, 4],  # RoPE splits the 16-wide head over (caption/frame, y, x)
             axes_lens=[1024, 512, 512],
         )
+        # Learned in the real model but zero-initialised; random values keep a mistake in
+        # handling the padded positions from going unnoticed.
+        with torch.no_grad():
+            transformer.x_pad_token.normal_()
+            transformer.cap_pad_token.normal_()
     with _seeded(seed, 2):
         vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024)
     return ZImagePipeline(
@@ -1079,7 +1025,12 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0, text_encoder_scale: int = 1) -> Path:
-    """Write a tiny random checkpoint of `family` into `path` (created), return path."""
+    """Write a tiny random checkpoint of `family` into `path` (created), return path.
+
+    The same `seed` always gives the same weights. `text_encoder_scale` = N > 1 grows the
+    family's main text encoder to about N * 100 MB of fp32 weights (deeper, wider FFNs)
+    while keeping the width of the embeddings it hands to the denoiser.
+    """
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     if text_encoder_scale < 1:

@@ -43,7 +43,10 @@ def component_names(model_index: dict) -> list[str]:
 
 def load_stage(model: str, stage: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedStage:
     import diffusers
+    import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     model_index = read_model_index(model)
     family = family_for_pipeline(model_index["_class_name"])
     keep = family.components[stage]
