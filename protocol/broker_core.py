@@ -43,6 +43,7 @@ from protocol.messages import (
     WorkerGoodbye,
     WorkerReady,
 )
+from protocol.metrics import BrokerMetrics, clean_stats
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from protocol.validation import request_error
 
@@ -63,6 +64,7 @@ class WorkerState:
     jobs: set[str] = field(default_factory=set)
     last_assigned: float = 0.0
     jobs_done: int = 0
+    stats: dict = field(default_factory=dict)  # the node's latest counters (cache hits...)
 
 
 @dataclass
@@ -74,6 +76,9 @@ class Job:
     payload: dict
     worker: bytes | None = None
     dispatches: int = 0
+    assigned_at: float = 0.0
+    steps_reported: int = 0  # last step the node reported for it
+    reported_at: float = 0.0  # when it reported that step
 
 
 @dataclass
@@ -84,12 +89,15 @@ class RequestState:
     images_left: set[int]
     job_id: str | None = None  # the job of the current stage (encode, denoise)
     decode_jobs: set[str] = field(default_factory=set)
+    accepted_at: float = 0.0
 
 
 class BrokerCore:
     """Feed it messages with :meth:`handle` and time with :meth:`tick`; read :attr:`outbox`."""
 
-    def __init__(self, *, max_requests: int = 1_000, max_dispatches: int = 5) -> None:
+    def __init__(
+        self, *, max_requests: int = 1_000, max_dispatches: int = 5, metrics: BrokerMetrics | None = None
+    ) -> None:
         self.max_requests = max_requests  # requests in flight before new ones are refused as busy
         self.max_dispatches = max_dispatches  # a job whose nodes keep dying fails after this many tries
         self.workers: dict[bytes, WorkerState] = {}
@@ -98,6 +106,7 @@ class BrokerCore:
         self.queues: dict[tuple[str, str], deque[str]] = {}
         self.unrouted: list[str] = []  # requests naming no model, waiting for a node to say which
         self.outbox: list[Outgoing] = []
+        self.metrics = metrics or BrokerMetrics()  # told what happens; no-op unless metrics are on
         self._last_heartbeat = 0.0
 
     # --- inbound ----------------------------------------------------------------------------
@@ -112,7 +121,7 @@ class BrokerCore:
             case CancelRequest():
                 req = self.requests.get(msg.request_id)
                 if req is not None and req.client == sender:
-                    self._fail(msg.request_id, "cancelled by the client")
+                    self._fail(msg.request_id, "cancelled by the client", outcome="cancelled")
             case StatusRequest():
                 self.outbox.append((sender, self._status(msg.request_id, now)))
             case WorkerReady():
@@ -123,10 +132,12 @@ class BrokerCore:
             case Heartbeat():
                 if worker is None:
                     self.outbox.append((sender, Reconnect()))
+                self._on_stats(worker, msg.stats)
             case JobProgress():
-                self._on_progress(sender, msg)
+                self._on_progress(sender, msg, now)
             case JobDone():
-                self._on_done(sender, msg)
+                self._on_stats(worker, msg.stats)
+                self._on_done(sender, msg, now)
             case JobFailed():
                 self._on_failed(sender, msg)
             case _:
@@ -144,6 +155,7 @@ class BrokerCore:
         for request_id in [r for r, req in self.requests.items() if now > req.deadline]:
             self._fail(request_id, self._timeout_reason(request_id))
         self._dispatch(now)
+        self.metrics.on_tick(self.workers.values(), self.queues, len(self.requests))
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -152,10 +164,12 @@ class BrokerCore:
             self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
             return
         if (error := request_error(req)) is not None:
+            self.metrics.on_request_finished(req.model, "failed")
             self.outbox.append((client, RequestFailed(request_id=req.request_id, error=error)))
             return
         if len(self.requests) >= self.max_requests:
             error = f"broker busy ({len(self.requests)} requests in flight), retry later"
+            self.metrics.on_request_finished(req.model, "failed")
             self.outbox.append((client, RequestFailed(request_id=req.request_id, error=error, retryable=True)))
             return
         self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
@@ -164,6 +178,7 @@ class BrokerCore:
             client=client,
             deadline=now + req.timeout,
             images_left=set(range(req.num_images)),
+            accepted_at=now,
         )
         if req.model:
             self._start(req.request_id)
@@ -194,10 +209,11 @@ class BrokerCore:
     def _request_fields(req: GenerateRequest) -> dict:
         return dataclasses.asdict(req)
 
-    def _fail(self, request_id: str, error: str, retryable: bool = False) -> None:
+    def _fail(self, request_id: str, error: str, retryable: bool = False, outcome: str = "failed") -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self.metrics.on_request_finished(req.request.model, outcome)
         for job_id in [req.job_id, *req.decode_jobs]:
             job = self.jobs.pop(job_id, None) if job_id else None
             if job is None:
@@ -245,6 +261,8 @@ class BrokerCore:
                 job = self.jobs[queue.popleft()]
                 job.worker = worker.identity
                 job.dispatches += 1
+                job.assigned_at = job.reported_at = now
+                job.steps_reported = 0
                 worker.jobs.add(job.job_id)
                 worker.last_assigned = now
                 self.outbox.append(
@@ -272,10 +290,14 @@ class BrokerCore:
             worker.jobs_done += 1
         return job
 
-    def _on_progress(self, sender: bytes, msg: JobProgress) -> None:
+    def _on_progress(self, sender: bytes, msg: JobProgress, now: float) -> None:
         job = self.jobs.get(msg.job_id)
         if job is None or job.worker != sender or job.request_id not in self.requests:
             return
+        if msg.step > job.steps_reported:
+            if job.steps_reported > 0:  # the first step's time also holds the job's setup: not a step time
+                self.metrics.on_steps(job.service, job.model, msg.step - job.steps_reported, now - job.reported_at)
+            job.steps_reported, job.reported_at = msg.step, now
         req = self.requests[job.request_id]
         node = self.workers[sender].node if sender in self.workers else "?"
         event = ProgressEvent(request_id=job.request_id, stage=job.service, node=node, step=msg.step, total=msg.total)
@@ -289,10 +311,11 @@ class BrokerCore:
         node = worker.node if worker else "a node"
         self._fail(job.request_id, f"{job.service} {node} failed: {msg.error}")
 
-    def _on_done(self, sender: bytes, msg: JobDone) -> None:
+    def _on_done(self, sender: bytes, msg: JobDone, now: float) -> None:
         job = self._finish_job(sender, msg.job_id)
         if job is None or job.request_id not in self.requests:
             return
+        self.metrics.on_job_finished(job.service, job.model, now - job.assigned_at)
         req = self.requests[job.request_id]
         try:
             if job.service == ENCODER:
@@ -300,7 +323,7 @@ class BrokerCore:
             elif job.service == DENOISER:
                 self._after_denoise(req, msg.payload)
             else:
-                self._after_decode(req, job, msg.payload)
+                self._after_decode(req, job, msg.payload, now)
         except (KeyError, TypeError, ValueError) as exc:
             self._fail(job.request_id, f"{job.service} returned a malformed result: {exc}")
 
@@ -325,7 +348,7 @@ class BrokerCore:
             job_payload = {"request": fields, "params": params, "index": index, "latents": latents[index : index + 1]}
             req.decode_jobs.add(self._enqueue(req.request.request_id, DECODER, job_payload))
 
-    def _after_decode(self, req: RequestState, job: Job, payload: dict) -> None:
+    def _after_decode(self, req: RequestState, job: Job, payload: dict, now: float) -> None:
         png = payload["png"]
         if not isinstance(png, bytes):
             raise TypeError("png must be bytes")
@@ -339,6 +362,7 @@ class BrokerCore:
         self.outbox.append((req.client, image))
         if not req.images_left:
             del self.requests[req.request.request_id]
+            self.metrics.on_request_finished(req.request.model, "completed", now - req.accepted_at)
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -378,6 +402,13 @@ class BrokerCore:
             self.queues[(job.service, job.model)].appendleft(job_id)
             logger.info("re-dispatching %s job of request %s", job.service, job.request_id)
 
+    def _on_stats(self, worker: WorkerState | None, stats: dict) -> None:
+        """A node's cumulative counters, sent with heartbeats and results: kept for status and metrics."""
+        if worker is None or not stats:
+            return
+        worker.stats = clean_stats(stats)
+        self.metrics.on_node_stats(worker.service, worker.model, worker.node, worker.stats)
+
     def _status(self, request_id: str, now: float) -> StatusReply:
         nodes = [
             {
@@ -389,6 +420,7 @@ class BrokerCore:
                 "jobs_done": w.jobs_done,
                 "last_heartbeat_s": round(now - w.last_seen, 3),
                 "info": w.info,
+                "stats": w.stats,
             }
             for w in self.workers.values()
         ]

@@ -63,7 +63,9 @@ class CodecError(ValueError):
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw bytes of a CPU tensor without copying (a uint8 view covers bfloat16 and bool)."""
-    flat = tensor.detach().contiguous().reshape(-1)
+    dense = tensor.detach().contiguous()
+    # Not reshape(-1): a contiguous tensor may keep any stride on a size-1 dim, and view(uint8) needs stride 1.
+    flat = dense.as_strided((dense.numel(),), (1,))
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 

@@ -139,7 +139,10 @@ class WorkerReady(Message):
 
 @dataclass(kw_only=True)
 class Heartbeat(Message):
+    """Either way; from a node it may carry the node's counters."""
+
     KIND: ClassVar[str] = "heartbeat"
+    stats: dict = field(default_factory=dict)  # cumulative since the node started, e.g. {"cache_hits": 3}
 
 
 @dataclass(kw_only=True)
@@ -160,6 +163,7 @@ class JobDone(Message):
     KIND: ClassVar[str] = "job_done"
     job_id: str
     payload: dict
+    stats: dict = field(default_factory=dict)  # the node's counters, as in Heartbeat
 
 
 @dataclass(kw_only=True)

@@ -9,6 +9,7 @@ so a long denoise never delays a heartbeat (torch and zmq both release the GIL).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import zmq
@@ -52,8 +53,8 @@ class Job:
     cancelled: threading.Event
 
 
-ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when cancelled
-Handler = Callable[[Job, ProgressFn], dict]  # returns the result payload
+ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when all are cancelled
+Handler = Callable[[list[Job], ProgressFn], list[dict]]  # a batch of jobs -> one result payload each
 
 
 def node_name() -> str:
@@ -68,8 +69,12 @@ class Worker:
         model: str,
         handler: Handler,
         *,
-        capacity: int = 1,
+        capacity: int = 2,
+        max_batch: int = 1,
+        batch_window: float = 0.0,
+        batch_key: Callable[[Job], Hashable] | None = None,
         info: dict | None = None,
+        stats: Callable[[], dict] | None = None,
         curve: Curve | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
@@ -77,6 +82,10 @@ class Worker:
         self.curve = curve
         self.ready = WorkerReady(service=service, model=model, node=node_name(), capacity=capacity, info=info or {})
         self.handler = handler
+        self.max_batch = max_batch  # jobs run together in one handler call, at most
+        self.batch_window = batch_window  # seconds to wait for compatible jobs to fill a batch
+        self.batch_key = batch_key or (lambda job: job.job_id)  # jobs with equal keys may share a batch
+        self.stats = stats  # the node's cumulative counters, reported with heartbeats and results; any thread
         self.ctx = ctx or zmq.Context.instance()
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.stop = threading.Event()
@@ -95,34 +104,91 @@ class Worker:
         self._send_to_io = self.ctx.socket(zmq.PAIR)
         self._send_to_io.connect(self._pipe)
         try:
+            backlog: list[Job] = []  # received, not yet run
             while not self.stop.is_set():
-                try:
-                    job = self.jobs.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                self._run_job(job)
+                if not backlog:
+                    try:
+                        backlog.append(self.jobs.get(timeout=0.1))
+                    except queue.Empty:
+                        continue
+                batch = self._next_batch(backlog)
+                self._run_batch(batch)
         finally:
             self._send(WorkerGoodbye())
             self._send_to_io.close(linger=100)
             self._io.join(timeout=2)
 
-    def _run_job(self, job: Job) -> None:
-        def progress(step: int, total: int) -> None:
+    def _next_batch(self, backlog: list[Job]) -> list[Job]:
+        """The oldest job and up to max_batch - 1 compatible ones, waiting batch_window for more."""
+        key = self._key(backlog[0])
+        deadline = time.monotonic() + self.batch_window
+        while True:
+            while True:  # take in whatever has arrived
+                try:
+                    backlog.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            batch = [job for job in backlog if self._key(job) == key][: self.max_batch]
+            left = deadline - time.monotonic()
+            if len(batch) >= self.max_batch or left <= 0:
+                break
+            with contextlib.suppress(queue.Empty):
+                backlog.append(self.jobs.get(timeout=left))
+        for job in batch:
+            backlog.remove(job)
+        return batch
+
+    def _key(self, job: Job) -> Hashable:
+        if self.max_batch <= 1:
+            return job.job_id
+        try:
+            return self.batch_key(job)
+        except Exception:  # a malformed job runs alone and fails on its own
+            return job.job_id
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.cancelled.is_set()]
+        for job in batch:
             if job.cancelled.is_set():
-                raise JobCancelled(job.job_id)
-            self._send(JobProgress(job_id=job.job_id, step=step, total=total))
+                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+        if not live:
+            return
+
+        def progress(step: int, total: int) -> None:
+            if all(job.cancelled.is_set() for job in live):
+                raise JobCancelled(live[0].job_id)
+            for job in live:
+                self._send(JobProgress(job_id=job.job_id, step=step, total=total))
 
         try:
-            if job.cancelled.is_set():
-                raise JobCancelled(job.job_id)
-            result: messages.Message = JobDone(job_id=job.job_id, payload=self.handler(job, progress))
+            payloads = self.handler(live, progress)
+            if len(payloads) != len(live):
+                raise RuntimeError(f"handler returned {len(payloads)} results for {len(live)} jobs")
         except JobCancelled:
-            logger.info("job %s cancelled", job.job_id)
-            result = JobFailed(job_id=job.job_id, error="cancelled")
+            logger.info("batch of %d cancelled", len(live))
+            for job in live:
+                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+            return
         except Exception as exc:
-            logger.exception("job %s of request %s failed", job.job_id, job.request_id)
-            result = JobFailed(job_id=job.job_id, error=describe_error(exc))
-        self._send(result)
+            logger.exception("batch of %d job(s) failed (requests %s)", len(live), [j.request_id for j in live])
+            for job in live:
+                self._send(JobFailed(job_id=job.job_id, error=describe_error(exc)))
+            return
+        stats = self._stats()
+        for job, payload in zip(live, payloads, strict=True):
+            if job.cancelled.is_set():
+                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+            else:
+                self._send(JobDone(job_id=job.job_id, payload=payload, stats=stats))
+
+    def _stats(self) -> dict:
+        if self.stats is None:
+            return {}
+        try:
+            return dict(self.stats())
+        except Exception:  # figures are a nicety: never let them break a job or a heartbeat
+            logger.exception("reading the node's stats failed")
+            return {}
 
     def _send(self, msg: messages.Message) -> None:
         assert self._send_to_io is not None
@@ -152,7 +218,7 @@ class Worker:
                 last_heard = now
                 self._on_broker(dealer, dealer.recv_multipart(copy=False))
             if now - last_sent >= HEARTBEAT_INTERVAL:
-                dealer.send_multipart(messages.to_frames(Heartbeat()))
+                dealer.send_multipart(messages.to_frames(Heartbeat(stats=self._stats())))
                 last_sent = now
             if now - last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
                 logger.warning("broker %s silent for %.1fs: reconnecting", self.broker, now - last_heard)

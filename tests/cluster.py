@@ -35,6 +35,7 @@ class ProcessCluster:
         self.log_dir = log_dir
         self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "ns1"]
         self.processes: list[subprocess.Popen] = []
+        self.metrics_port: int | None = None  # the broker's Prometheus port, when it serves one
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, name: str, args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
@@ -45,8 +46,12 @@ class ProcessCluster:
         self.processes.append(process)
         return process
 
-    def start_broker(self, bind: str | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
-        return self._spawn("broker", ["triptych", "broker", "--bind", bind or self.address], prefix)
+    def start_broker(
+        self, bind: str | None = None, prefix: list[str] | None = None, metrics_port: int | None = None
+    ) -> subprocess.Popen:
+        extra = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
+        self.metrics_port = metrics_port
+        return self._spawn("broker", ["triptych", "broker", "--bind", bind or self.address, *extra], prefix)
 
     def start_node(
         self, service: str, model: Path | str, *extra: str, prefix: list[str] | None = None

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.cluster import ProcessCluster
+from tests.cluster import ProcessCluster, free_port
 from triptych.tiny import build_tiny_checkpoint
 
 # Test model name -> (tiny family, text encoder scale). The name is the checkpoint's folder name.
@@ -34,9 +34,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def cluster(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
-    """One broker with an encoder, a denoiser and a decoder for every test model."""
+    """One broker (with metrics) and an encoder, a denoiser and a decoder for every test model."""
     procs = ProcessCluster(tmp_path_factory.mktemp("cluster-logs"))
-    procs.start_broker()
+    procs.start_broker(metrics_port=free_port())
     try:
         for path in checkpoints.values():
             for service in SERVICES:

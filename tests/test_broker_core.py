@@ -245,6 +245,23 @@ def test_the_least_recently_assigned_idle_node_gets_the_next_job():
     assert order[0] != order[1] and order == [order[0], order[1], order[0], order[1]]
 
 
+def test_the_emptier_node_wins_even_if_it_was_used_more_recently():
+    sim = Sim()
+    sim.register(ENC, ENCODER, capacity=8)
+    sim.register(b"den1", DENOISER, capacity=3)
+    for i, request_id in enumerate(["a", "b"]):
+        sim.now = 1000.0 + i
+        assert set(assigned(to_denoise(sim, request_id))) == {b"den1"}
+    sim.register(b"den2", DENOISER, capacity=3)
+    sim.now = 1010.0
+    ((holder, (job,)),) = assigned(to_denoise(sim, "c")).items()
+    assert holder == b"den2"
+    sim.send(b"den2", JobDone(job_id=job.job_id, payload={"latents": latents(1), "params": {}}))
+    # den1: 2 jobs, last assigned at 1001; den2: none, last assigned at 1010.
+    sim.now = 1020.0
+    assert set(assigned(to_denoise(sim, "d"))) == {b"den2"}
+
+
 def test_jobs_go_only_to_nodes_of_their_model():
     sim = Sim()
     sim.register(b"enc-other", ENCODER, model="other")
@@ -279,6 +296,23 @@ def test_a_silent_node_is_removed_and_its_job_redispatched():
 
     # The dead node is asked to register again when it next speaks.
     assert sent(sim.send(holder, Heartbeat()), Reconnect, holder)
+
+
+def test_a_lost_job_goes_to_the_front_of_its_queue():
+    sim = Sim()
+    sim.register(ENC, ENCODER, capacity=8)
+    sim.register(b"den1", DENOISER)
+    sim.register(b"den2", DENOISER)
+    ((lost_holder, (lost,)),) = assigned(to_denoise(sim, "a")).items()
+    ((holder, (job_b,)),) = assigned(to_denoise(sim, "b")).items()
+    assert assigned(to_denoise(sim, "c")) == {}  # c waits
+    t0 = sim.now
+    sim.send(holder, Heartbeat(), at=t0 + EXPIRY)
+    sim.send(ENC, Heartbeat(), at=t0 + EXPIRY)
+    assert not sent(sim.tick(t0 + EXPIRY + 0.5), JobAssign)  # a's job is back in the queue, no node free
+    assert lost_holder not in sim.core.workers
+    out = sim.send(holder, JobDone(job_id=job_b.job_id, payload={"latents": latents(1), "params": {}}))
+    assert only(out, JobAssign, holder).job_id == lost.job_id  # ahead of c, which waited longer
 
 
 def test_a_late_result_from_a_dead_node_is_taken_once():

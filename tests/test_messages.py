@@ -282,7 +282,8 @@ def bodies(draw) -> object:
         typed = {str: st.text(max_size=4), int: st.integers(0, 5), dict: st.just({}), bytes: st.binary(max_size=4)}
         hints = messages._hints(cls)
         for f in dataclasses.fields(cls):
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and hints[f.name] in typed:
                 body[f.name] = draw(typed[hints[f.name]])
     return body
 

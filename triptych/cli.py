@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
     broker.add_argument("--curve-authorized", type=Path, help="folder of the public keys (*.key) allowed in")
+    broker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    broker.add_argument("--metrics-host", help="address for the metrics (default: the host of --bind)")
     _add_log_level(broker)
 
     keygen = commands.add_parser("keygen", help="write a CURVE key pair (zmq.auth format)")
@@ -86,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
     generate.add_argument("--model", default="", help="model name (default: the broker's only model)")
     add_curve_client_arguments(generate)
+
+    status = commands.add_parser("status", help="nodes, queues and requests in flight at a broker")
+    status.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
+    add_curve_client_arguments(status)
+    _add_log_level(status, "WARNING")
+
+    http = commands.add_parser("http", help="an OpenAI-compatible images API in front of a broker")
+    http.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    http.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
+    add_curve_client_arguments(http)
+    _add_log_level(http)
 
     run = commands.add_parser("run", help="up + generate + shut down, in one command")
     _add_generate_options(run)
@@ -119,12 +136,27 @@ def cmd_broker(args: argparse.Namespace) -> int:
             print("triptych broker: CURVE needs both --curve-secret and --curve-authorized", file=sys.stderr)
             return 2
         curve = Curve(secret_file=args.curve_secret, authorized_dir=args.curve_authorized)
+    metrics = None
+    if args.metrics_port is not None:
+        from protocol.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
     try:
-        broker = Broker(args.bind, core=BrokerCore(max_requests=args.max_requests), curve=curve)
+        broker = Broker(args.bind, core=BrokerCore(max_requests=args.max_requests, metrics=metrics), curve=curve)
     except KeyFileError as exc:
         print(f"triptych broker: {exc}", file=sys.stderr)
         return 2
     print(f"broker listening on {broker.address}", file=sys.stderr, flush=True)
+    if metrics is not None:
+        from protocol.metrics import host_of
+
+        host = args.metrics_host or host_of(args.bind)
+        try:
+            metrics.serve(host, args.metrics_port)
+        except OSError as exc:
+            print(f"triptych broker: cannot serve metrics on {host}:{args.metrics_port}: {exc}", file=sys.stderr)
+            return 2
+        print(f"metrics on http://{host}:{args.metrics_port}/metrics", file=sys.stderr, flush=True)
     broker.serve(stop)
     return 0
 
@@ -272,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_up(args)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "status":
+        from triptych.status import cmd_status
+
+        return cmd_status(args)
+    if args.command == "http":
+        from triptych.http import serve as serve_http
+
+        return serve_http(args)
     return cmd_run(args)
 
 

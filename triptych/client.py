@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 RESEND_INTERVAL = 3.0  # seconds of silence about a request before it is sent again
+CANCEL_POLL = 0.1  # seconds between looks at a generate call's cancel event
 
 
 class GenerationError(RuntimeError):
@@ -44,6 +46,10 @@ class GenerationError(RuntimeError):
     def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class GenerationCancelled(GenerationError):
+    """The caller set the ``cancel`` event of a generate call; the broker was told to stop."""
 
 
 @dataclass
@@ -97,8 +103,13 @@ class Client:
         num_images: int = 1,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[GeneratedImage]:
-        """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults."""
+        """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults.
+
+        Setting ``cancel`` (from any thread) makes the call raise :class:`GenerationCancelled`
+        within a tenth of a second, and the broker drops the request's work.
+        """
         request = GenerateRequest(
             request_id=uuid.uuid4().hex,
             model=model,
@@ -113,12 +124,14 @@ class Client:
             timeout=self.timeout if timeout is None else timeout,
         )
         try:
-            return self._run(request, on_progress)
+            return self._run(request, on_progress, cancel)
         except BaseException:
             self._send(CancelRequest(request_id=request.request_id))  # Ctrl-C, or anything else
             raise
 
-    def _run(self, request: GenerateRequest, on_progress: Callable | None) -> list[GeneratedImage]:
+    def _run(
+        self, request: GenerateRequest, on_progress: Callable | None, cancel: threading.Event | None
+    ) -> list[GeneratedImage]:
         images: dict[int, GeneratedImage] = {}
         start = time.monotonic()
         deadline = start + request.timeout + 5.0  # the broker's own timeout message comes first
@@ -126,6 +139,8 @@ class Client:
         next_send = 0.0
         while len(images) < request.num_images:
             now = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("cancelled")
             if not heard and now > start + request.timeout:
                 raise GenerationError(self._silence())
             if now > deadline:
@@ -135,7 +150,8 @@ class Client:
                 # picks it up under the same id, and a live one only acknowledges it (it dedupes).
                 self._send(request)
                 next_send = now + RESEND_INTERVAL
-            msg = self._receive(max(min(deadline, next_send) - now, 0.0))
+            wait = min(deadline, next_send) - now
+            msg = self._receive(max(min(wait, CANCEL_POLL) if cancel is not None else wait, 0.0))
             if msg is None or getattr(msg, "request_id", None) != request.request_id:
                 continue
             heard = True

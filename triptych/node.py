@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from protocol.messages import DECODER, DENOISER, ENCODER
@@ -36,6 +36,20 @@ def add_node_arguments(parser: argparse.ArgumentParser, service: str) -> None:
         help="weights dtype (default auto: float32 on CPU, the family's own on CUDA)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    if service == ENCODER:
+        parser.add_argument(
+            "--cache-mb", type=int, default=1024, help="memory for cached prompt embeddings (default 1024 MB)"
+        )
+    if service == DENOISER:
+        parser.add_argument(
+            "--max-batch", type=int, default=4, help="compatible requests denoised together, at most (default 4)"
+        )
+        parser.add_argument(
+            "--batch-window-ms",
+            type=float,
+            default=20.0,
+            help="how long a batch waits for compatible requests to join it (default 20 ms)",
+        )
     add_curve_client_arguments(parser)
 
 
@@ -52,20 +66,6 @@ def curve_from_args(args: argparse.Namespace) -> Curve | None:
     if secret is None or broker is None:
         raise SystemExit("CURVE needs both --curve-secret and --curve-broker")
     return Curve(secret_file=secret, broker_public_file=broker)
-
-
-def _handler_factory(service: str) -> Callable:
-    if service == ENCODER:
-        from encoder_node.handler import EncoderHandler
-
-        return EncoderHandler
-    if service == DENOISER:
-        from denoiser_node.handler import DenoiserHandler
-
-        return DenoiserHandler
-    from decoder_node.handler import DecoderHandler
-
-    return DecoderHandler
 
 
 def _resolve(service: str, device: str, dtype: str, family_dtype) -> tuple[str, object]:
@@ -95,9 +95,32 @@ def serve(service: str, args: argparse.Namespace) -> int:
     device, dtype = _resolve(service, args.device, args.dtype, family.cuda_dtype)
     stage = load_stage(args.model, service, device=device, dtype=dtype)
     name = args.name or model_name(args.model)
-    handler: Handler = _handler_factory(service)(stage)
     info = {"family": family.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
-    worker = Worker(args.broker, service, name, handler, info=info, curve=curve_from_args(args))
+    batching: dict = {}
+    if service == ENCODER:
+        from encoder_node.handler import EncoderHandler
+
+        handler: Handler = EncoderHandler(stage, cache_bytes=args.cache_mb << 20)
+    elif service == DENOISER:
+        from denoiser_node.handler import DenoiserHandler
+
+        handler = denoiser = DenoiserHandler(stage)
+        max_batch = max(args.max_batch, 1)
+        batching = {
+            "max_batch": max_batch,
+            "batch_window": args.batch_window_ms / 1000,
+            "batch_key": denoiser.batch_key,
+            "capacity": 2 * max_batch,  # the next batch waits here while this one runs
+        }
+        info["max_batch"] = max_batch
+    else:
+        from decoder_node.handler import DecoderHandler
+
+        handler = DecoderHandler(stage)
+    stats = getattr(handler, "stats", None)  # a handler may count things (cache hits...) for the broker's metrics
+    worker = Worker(
+        args.broker, service, name, handler, info=info, stats=stats, curve=curve_from_args(args), **batching
+    )
 
     def stop(signum: int, frame: object) -> None:
         logger.info("signal %d: finishing the current job, then stopping", signum)

@@ -108,8 +108,10 @@ def _seeded(seed: int, component: int) -> Iterator[None]:
     Each component gets its own stream (seed, component) so two same-shaped encoders
     of one checkpoint do not end up with identical weights.
     """
+    # Weights are created on the CPU: fork and seed only the CPU generator, so a caller's
+    # CUDA RNG state is left alone too (torch.manual_seed would reseed every device).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1009 + component)
+        torch.default_generator.manual_seed(seed * 1009 + component)
         yield
 
 

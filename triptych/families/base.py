@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 StepFn = Callable[[int, int], None]  # (step, total)
+# (key, compute) -> tensors: a cache keyed by what is encoded; the node adds the model to the key.
+EncodeCache = Callable[[tuple, Callable[[], Tensors]], Tensors]
+
+
+def _no_cache(key: tuple, compute: Callable[[], Tensors]) -> Tensors:
+    return compute()
+
 
 ENCODE, DENOISE, DECODE = "encoder", "denoiser", "decoder"
 
@@ -62,9 +69,30 @@ class Family:
 
     # --- stage 1: encode --------------------------------------------------------------------
 
-    def encode(self, pipe: Any, request: dict) -> Tensors:
-        """Prompt -> the tensors the pipeline accepts instead of a prompt (batch of one)."""
+    def encode_text(self, pipe: Any, text: str) -> Tensors:
+        """One text as a positive prompt -> the tensors the pipeline takes instead (batch of one)."""
         raise NotImplementedError
+
+    def negative_text(self, pipe: Any, request: dict) -> str:
+        """The negative prompt the pipeline would use for this request."""
+        negative = request.get("negative_prompt")
+        return negative if negative is not None else (self.call_default(pipe, "negative_prompt") or "")
+
+    def encode_negative(self, pipe: Any, text: str) -> Tensors:
+        """The negative embeddings: the text encoded like a prompt, under the negative names.
+
+        Families whose pipeline treats an empty negative specially (zeros) override this.
+        """
+        return {f"negative_{name}": value for name, value in self.encode_text(pipe, text).items()}
+
+    def encode(self, pipe: Any, request: dict, cache: EncodeCache | None = None) -> Tensors:
+        """Prompt (and negative prompt when guidance needs one) -> the pipeline's embedding kwargs."""
+        cache = cache or _no_cache
+        embeds = dict(cache(("prompt", request["prompt"]), lambda: self.encode_text(pipe, request["prompt"])))
+        if self.uses_negative(pipe, request):
+            text = self.negative_text(pipe, request)
+            embeds |= cache(("negative", text), lambda: self.encode_negative(pipe, text))
+        return embeds
 
     # --- stage 2: denoise -------------------------------------------------------------------
 
@@ -96,29 +124,57 @@ class Family:
             "family": self.name,
         }
 
-    def denoise(self, pipe: Any, embeds: Tensors, request: dict, on_step: StepFn) -> tuple[torch.Tensor, dict]:
-        """Run the pipeline on received embeddings to latents: (num_images, C, h, w) on CPU."""
+    def batch_key(self, pipe: Any, embeds: Tensors, request: dict) -> tuple:
+        """Requests with equal keys can run as one pipeline call: same settings, same tensor shapes."""
         params = self.resolve_params(pipe, request)
+        shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
+        return (params["steps"], params["guidance"], params["height"], params["width"], shapes)
+
+    def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
+        """Stack each request's embeddings (batch of one), repeated once per image it asked for."""
+        names = items[0][0].keys()
+        return {
+            name: torch.cat([embeds[name].expand(count, *embeds[name].shape[1:]) for embeds, count in items])
+            for name in names
+        }
+
+    def denoise(self, pipe: Any, batch: list[tuple[Tensors, dict]], on_step: StepFn) -> list[tuple[torch.Tensor, dict]]:
+        """Requests with one batch key -> per request, latents (num_images, C, h, w) on CPU and params.
+
+        Image i of a request with seed S uses its own generator seeded S + i, so batching changes
+        nothing in the result.
+        """
+        params = [self.resolve_params(pipe, request) for _, request in batch]
+        first = params[0]
         multiple = self.size_multiple(pipe)
         for side in ("height", "width"):
-            if params[side] % multiple:
-                raise ValueError(f"{side} must be a multiple of {multiple} for {self.name} (got {params[side]})")
-        count = int(request["num_images"])
-        generators = [torch.Generator("cpu").manual_seed(int(request["seed"]) + i) for i in range(count)]
+            if first[side] % multiple:
+                raise ValueError(f"{side} must be a multiple of {multiple} for {self.name} (got {first[side]})")
+        counts = [int(request["num_images"]) for _, request in batch]
+        generators = [
+            torch.Generator("cpu").manual_seed(int(request["seed"]) + i)
+            for (_, request), count in zip(batch, counts, strict=True)
+            for i in range(count)
+        ]
+        embeds = self.batch_embeds([(embeds, count) for (embeds, _), count in zip(batch, counts, strict=True)])
         kwargs: dict[str, Any] = {
             **self.embed_kwargs(pipe, embeds),
-            **self.extra_kwargs(pipe, request),
-            "num_inference_steps": params["steps"],
-            "guidance_scale": params["guidance"],
-            "height": params["height"],
-            "width": params["width"],
-            "num_images_per_prompt": count,
+            **self.extra_kwargs(pipe, batch[0][1]),
+            "num_inference_steps": first["steps"],
+            "guidance_scale": first["guidance"],
+            "height": first["height"],
+            "width": first["width"],
+            "num_images_per_prompt": 1,
             "generator": generators,
             "output_type": "latent",
-            **self._progress_kwargs(pipe, params["steps"], on_step),
+            **self._progress_kwargs(pipe, first["steps"], on_step),
         }
-        latents = pipe(**kwargs).images
-        return latents.cpu(), params
+        latents = self.latents_of(pipe(**kwargs)).cpu()
+        return list(zip(latents.split(counts), params, strict=True))
+
+    def latents_of(self, output: Any) -> torch.Tensor:
+        """The latents in a pipeline's output with output_type="latent"."""
+        return output.images
 
     @staticmethod
     def _progress_kwargs(pipe: Any, steps: int, on_step: StepFn) -> dict[str, Any]:

@@ -19,24 +19,18 @@ class PixArtAlpha(Family):
     }
     denoiser_attr = "transformer"
 
-    def encode(self, pipe: Any, request: dict) -> Tensors:
-        negative_prompt = request.get("negative_prompt")
-        if negative_prompt is None:
-            negative_prompt = self.call_default(pipe, "negative_prompt")
-        # (1, 120, 4096) embeddings with (1, 120) masks at PixArt-alpha's full size.
-        embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-            request["prompt"],
-            do_classifier_free_guidance=self.uses_negative(pipe, request),
-            negative_prompt=negative_prompt,
+    def encode_text(self, pipe: Any, text: str) -> Tensors:
+        # (1, 120, 4096) embeddings with a (1, 120) mask at PixArt-alpha's full size; the pipeline
+        # tokenizes a negative prompt exactly like a positive one.
+        embeds, mask, _, _ = pipe.encode_prompt(
+            text,
+            do_classifier_free_guidance=False,
             num_images_per_prompt=1,
             device=pipe.device,
             clean_caption=self.call_default(pipe, "clean_caption"),
             max_sequence_length=self.call_default(pipe, "max_sequence_length"),
         )
-        out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-        if negative_embeds is not None:
-            out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
-        return out
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
         # The pipeline's default negative prompt ("") must not clash with negative_prompt_embeds.

@@ -1,0 +1,328 @@
+"""The OpenAI-compatible gateway: field checks and error mapping in-process, then the official
+``openai`` client against a gateway process in front of the test cluster."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+from PIL import Image
+
+from decoder_node.png import read_metadata
+from protocol.messages import StatusReply
+from tests.cluster import ROOT, free_port
+from tests.conftest import max_pixel_difference
+from tests.test_metrics import metric, scrape
+from triptych.client import GeneratedImage, GenerationCancelled, GenerationError
+from triptych.http import MAX_BODY_BYTES, ApiError, ImageStore, create_app, error_from_broker, parse_generation
+
+PROMPT = "a red fox in the snow, photo"
+NEGATIVE = "blurry, low quality"
+
+
+# --- in-process -------------------------------------------------------------------------------
+
+
+def bad_param(body: dict) -> str | None:
+    with pytest.raises(ApiError) as caught:
+        parse_generation(body)
+    assert caught.value.status == 400
+    return caught.value.param
+
+
+def test_fields_map_onto_a_request():
+    params = parse_generation(
+        {"prompt": "p", "model": "m", "n": 3, "size": "64x96", "seed": 7, "num_inference_steps": 4, "guidance_scale": 5}
+    )
+    assert (params.width, params.height, params.n, params.seed, params.steps) == (64, 96, 3, 7, 4)
+    assert params.guidance == 5.0 and params.response_format == "b64_json"
+    defaults = parse_generation({"prompt": "p", "size": "auto", "quality": "hd", "user": "someone"})  # others ignored
+    assert (defaults.model, defaults.n, defaults.width, defaults.seed, defaults.steps) == ("", 1, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"prompt": None}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": "2"}, "n"),
+        ({"n": True}, "n"),
+        ({"size": "64"}, "size"),
+        ({"size": "64x96x2"}, "size"),
+        ({"size": "60x96"}, "size"),  # not a multiple of 8
+        ({"size": "8192x8192"}, "size"),  # too many pixels
+        ({"response_format": "gif"}, "response_format"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"negative_prompt": ["a"]}, "negative_prompt"),
+        ({"model": 3}, "model"),
+        ({"prompt": "x" * 10_001}, "prompt"),  # the broker's own bound, named here too
+    ],
+)
+def test_a_bad_field_is_named(change, param):
+    assert bad_param({"prompt": "p", **change}) == param
+
+
+def test_broker_errors_become_http_statuses():
+    def status(message: str, **kwargs) -> tuple[int, str | None]:
+        error = error_from_broker(GenerationError(message, **kwargs))
+        return error.status, error.param
+
+    assert status("no denoiser node serves model m") == (503, None)
+    assert status("broker busy (1000 requests in flight), retry later", retryable=True) == (503, None)
+    assert status("timed out after 300s") == (504, None)
+    assert status("the broker at tcp://x:1 did not answer: is it running?") == (503, None)
+    assert status("the broker serves several models (a, b): name one") == (400, "model")
+    assert status("denoiser h:1 failed: ValueError: height must be a multiple of 16 for x (got 200)") == (400, "size")
+    assert status("decoder h:1 failed: RuntimeError: boom") == (500, None)
+    assert error_from_broker(GenerationCancelled("cancelled")).status == 499
+
+
+def test_image_store_keeps_the_newest_within_its_budget():
+    store = ImageStore(max_bytes=10, ttl=60)
+    first, second = store.put(b"12345"), store.put(b"67890")
+    assert store.get(first) == b"12345"
+    third = store.put(b"abc")
+    assert store.get(first) is None and store.get(second) == b"67890" and store.get(third) == b"abc"
+    assert store.get("nope") is None
+    expiring = ImageStore(ttl=0)
+    assert expiring.get(expiring.put(b"x")) is None
+
+
+class FakeClient:
+    """Stands in for a broker connection: serves model "m"; ``outcome`` decides what generate does."""
+
+    outcome: GenerationError | None = None
+
+    def status(self, timeout: float = 5.0) -> StatusReply:
+        return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1"}])
+
+    def generate(self, prompt: str, *, model: str, num_images: int, seed: int | None, **options) -> list:
+        if FakeClient.outcome is not None:
+            raise FakeClient.outcome
+        return [GeneratedImage(index=i, seed=(seed or 0) + i, png=f"{model}:{i}".encode()) for i in range(num_images)]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fake_gateway() -> Iterator[str]:
+    """The app in this process, on uvicorn, with FakeClient for a broker."""
+    import uvicorn
+
+    port = free_port()
+    app = create_app("tcp://unused:1", client_factory=FakeClient)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def post(url: str, body: object) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (GenerationError("timed out after 300s"), 504, "timeout"),
+        (GenerationError("no decoder node serves model m"), 503, "no_node"),
+        (GenerationError("broker busy (1000 requests in flight), retry later", retryable=True), 503, "busy"),
+        (GenerationError("decoder h:1 failed: RuntimeError: boom"), 500, "generation_failed"),
+    ],
+)
+def test_a_failed_request_comes_back_in_openai_shape(fake_gateway, error, status, code):
+    FakeClient.outcome = error
+    try:
+        got, body = post(f"{fake_gateway}/v1/images/generations", {"prompt": "p", "model": "m"})
+    finally:
+        FakeClient.outcome = None
+    assert got == status
+    assert body == {"error": {"message": str(error), "type": "server_error", "param": None, "code": code}}
+
+
+def test_the_only_model_is_used_when_none_is_named(fake_gateway):
+    status, body = post(f"{fake_gateway}/v1/images/generations", {"prompt": "p", "n": 2, "seed": 1})
+    assert status == 200 and set(body) == {"created", "data"}
+    assert [base64.b64decode(item["b64_json"]) for item in body["data"]] == [b"m:0", b"m:1"]
+
+
+def test_malformed_bodies_and_unknown_paths_get_openai_errors(fake_gateway):
+    status, body = post(f"{fake_gateway}/v1/images/generations", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = post(f"{fake_gateway}/v1/images/generations", b"x" * (MAX_BODY_BYTES + 1))
+    assert status == 413
+    status, body = post(f"{fake_gateway}/v1/nothing", {})
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+
+
+# --- through a gateway process --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, tmp_path_factory) -> Iterator[str]:
+    """``triptych http`` in front of the session cluster; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gateway") / "http.log"
+    command = [sys.executable, "-m", "triptych", "http", "--broker", cluster.address, "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--timeout", "60"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.e2e
+def test_openai_client_gets_diffusers_images(sdk, checkpoints, reference):
+    result = sdk.images.generate(
+        model="sd-tiny",
+        prompt=PROMPT,
+        n=2,
+        size="64x96",
+        response_format="b64_json",
+        extra_body={"seed": 5, "num_inference_steps": 4, "guidance_scale": 6.5, "negative_prompt": NEGATIVE},
+    )
+    assert abs(result.created - time.time()) < 120
+    assert len(result.data) == 2
+    for i, image in enumerate(result.data):
+        png = base64.b64decode(image.b64_json)
+        expected = reference(
+            checkpoints["sd-tiny"],
+            5 + i,  # image i uses seed + i
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=4,
+            guidance_scale=6.5,
+            height=96,
+            width=64,
+        )
+        assert max_pixel_difference(png, expected) <= 1
+        assert read_metadata(png)["seed"] == str(5 + i)
+
+
+@pytest.mark.e2e
+def test_models_lists_the_served_models(sdk):
+    models = {model.id: model for model in sdk.models.list()}
+    assert {"sd-tiny", "pixart-tiny"} <= set(models)
+    assert all(m.object == "model" and m.owned_by == "triptych" for m in models.values())
+    assert sdk.models.retrieve("pixart-tiny").id == "pixart-tiny"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("change", "param"), [({"size": "64by96"}, "size"), ({"n": 0}, "n")])
+def test_a_bad_field_is_a_400_naming_it(sdk, change, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.images.generate(**{"model": "sd-tiny", "prompt": PROMPT, **change})
+    assert caught.value.status_code == 400
+    assert caught.value.param == param and param in caught.value.message
+    assert caught.value.type == "invalid_request_error"
+
+
+@pytest.mark.e2e
+def test_an_unknown_model_is_a_404(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.images.generate(model="dall-e-3", prompt=PROMPT)
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("dall-e-3")
+
+
+@pytest.mark.e2e
+def test_url_response_format_serves_the_png(sdk):
+    result = sdk.images.generate(
+        model="sd-tiny",
+        prompt=PROMPT,
+        size="64x64",
+        response_format="url",
+        extra_body={"seed": 3, "num_inference_steps": 2},
+    )
+    (image,) = result.data
+    assert image.b64_json is None
+    with urllib.request.urlopen(image.url, timeout=10) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        png = response.read()
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
+    assert read_metadata(png)["seed"] == "3"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(image.url.replace(".png", "x.png"), timeout=10)
+    assert caught.value.code == 404 and json.loads(caught.value.read())["error"]["code"] == "file_not_found"
+
+
+@pytest.mark.e2e
+def test_a_client_that_hangs_up_cancels_the_work(gateway, cluster):
+    def in_flight() -> int:
+        with cluster.client() as client:
+            return client.status().requests_in_flight
+
+    cancelled = metric(scrape(cluster.metrics_port), "triptych_requests_total", model="sd-tiny", outcome="cancelled")
+    host, port = gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "sd-tiny", "prompt": PROMPT, "size": "256x256", "num_inference_steps": 1000}
+    connection.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while in_flight() == 0:
+        assert time.monotonic() < deadline, "the request never reached the broker"
+        time.sleep(0.1)
+    connection.close()  # hang up long before 1000 steps are done
+    deadline = time.monotonic() + 10
+    while in_flight() != 0:
+        assert time.monotonic() < deadline, "the request kept running after the client left"
+        time.sleep(0.1)
+    after = metric(scrape(cluster.metrics_port), "triptych_requests_total", model="sd-tiny", outcome="cancelled")
+    assert after == cancelled + 1

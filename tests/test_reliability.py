@@ -1,0 +1,256 @@
+"""Hostile input, load, broker restart, cancel and shutdown, against real processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from protocol import messages
+from protocol.messages import GenerateRequest, JobDone, WorkerReady
+from tests.cluster import ROOT, ProcessCluster, free_port, node_pid
+from tests.conftest import SERVICES
+from triptych.client import Client, GenerationError
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "sd-tiny"
+
+
+@pytest.fixture(scope="module")
+def rel(checkpoints, tmp_path_factory) -> Iterator[ProcessCluster]:
+    """A cluster of our own, so its broker can be killed and restarted on the same address."""
+    procs = ProcessCluster(tmp_path_factory.mktemp("reliability-logs"))
+    procs.start_broker()
+    try:
+        for service in SERVICES:
+            procs.start_node(service, checkpoints[MODEL])
+        procs.wait_for({(service, MODEL): 1 for service in SERVICES})
+        yield procs
+    finally:
+        procs.stop()
+
+
+def _decoy_request() -> GenerateRequest:
+    """Valid, but for a model no node serves: mutations that stay valid only wait and expire."""
+    return GenerateRequest(request_id=uuid.uuid4().hex, model="fuzz-model", prompt="fuzz", steps=2, seed=1, timeout=0.5)
+
+
+def _hostile_messages(rng: random.Random, count: int) -> Iterator[list[bytes]]:
+    """Garbage, wrong types, unknown kinds and versions, lying tensors, deep nesting, mutations."""
+    valid = [bytes(f) for f in messages.to_frames(_decoy_request())]
+    tensor = [bytes(f) for f in messages.to_frames(JobDone(job_id="x", payload={"t": torch.zeros(2048)}))]
+    fixed: list[list[bytes]] = [
+        [b""],
+        [b"\xc1"],  # a byte msgpack never uses
+        [msgpack.packb([1, 2, 3])],
+        [msgpack.packb({"v": 99, "kind": "generate"})],
+        [msgpack.packb({"v": 1, "kind": "no-such-kind"})],
+        [msgpack.packb({"v": 1, "kind": "generate", "request_id": 5, "prompt": None, "seed": "x"})],
+        [msgpack.packb({"v": 1, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1, "steps": 10**9})],
+        [msgpack.packb({"v": 1, "kind": "generate", "request_id": "r", "prompt": "p", "seed": -5})],
+        [msgpack.packb({"v": 1, "kind": "ready", "service": "denoiser", "model": "", "node": "x"})],
+        [msgpack.packb({"v": 1, "kind": "job_done", "job_id": "nope", "payload": {}})],
+        [msgpack.packb({"v": 1, "kind": "job_done", "job_id": "nope", "payload": {"png": 1}})],
+        [msgpack.packb(msgpack.ExtType(1, msgpack.packb(["float32", [10**6, 10**6], 1])))],
+        [msgpack.packb(msgpack.ExtType(1, msgpack.packb(["pickle", [1], b"x"])))],
+        [msgpack.packb(msgpack.ExtType(42, b"boom"))],
+        [b"\x91" * 100_000],  # nesting deeper than any stack
+        [valid[0], b"an extra frame nobody refers to"],
+        tensor[:1],  # the tensor's frame is missing
+        [*tensor, b"x"],
+    ]
+    for i in range(count):
+        if i < len(fixed):
+            yield fixed[i]
+            continue
+        frames = [bytearray(f) for f in rng.choice([valid, tensor])]
+        frame = frames[rng.randrange(len(frames))]
+        for _ in range(rng.randint(1, 4)):
+            action = rng.random()
+            if action < 0.5 and frame:
+                frame[rng.randrange(len(frame))] = rng.randrange(256)
+            elif action < 0.75 and frame:
+                del frame[rng.randrange(len(frame)) :]
+            else:
+                frame.insert(rng.randrange(len(frame) + 1), rng.randrange(256))
+        yield [bytes(f) for f in frames]
+
+
+def test_fuzzed_broker_and_nodes_keep_serving(rel):
+    """Thousands of malformed messages, from clients and from peers posing as nodes."""
+    ctx = zmq.Context.instance()
+    rng = random.Random(1234)
+    sockets = []
+    with rel.client() as client:
+        ok = threading.Thread(target=lambda: client.generate("during the storm", model=MODEL, steps=20, seed=3))
+        ok.start()
+        for n in range(8):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(rel.address)
+            sockets.append(sock)
+            if n % 2:  # half of them pose as nodes first, so their junk reaches the node paths
+                ready = WorkerReady(service=SERVICES[n % 3], model="fuzz-model", node=f"fuzzer:{n}")
+                sock.send_multipart(messages.to_frames(ready))
+        for i, frames in enumerate(_hostile_messages(rng, 4000)):
+            sockets[i % len(sockets)].send_multipart(frames)
+        ok.join(timeout=120)
+        assert not ok.is_alive()
+        for sock in sockets:
+            sock.close()
+        rel.check_alive()
+        # Everything still serves, and the broker answers status.
+        images = client.generate("after the storm", model=MODEL, steps=2, seed=4)
+        assert len(images) == 1 and images[0].png.startswith(b"\x89PNG")
+        assert {n["service"] for n in client.status().nodes if n["model"] == MODEL} == set(SERVICES)
+
+
+def test_invalid_fields_are_named(rel):
+    cases = {
+        "steps": {"steps": 0},
+        "guidance": {"guidance": float("nan")},
+        "height": {"height": 100},
+        "width": {"width": 0},
+        "num_images": {"num_images": 1000},
+        "seed": {"seed": -1},
+        "prompt": {"prompt": "x" * 20_000},
+    }
+    with rel.client(timeout=10) as client:
+        for field, change in cases.items():
+            kwargs = {"model": MODEL, "seed": 1, "prompt": "p", **change}
+            with pytest.raises(GenerationError, match=field):
+                client.generate(**kwargs)
+
+
+def test_concurrent_clients_then_broker_kill_9(rel):
+    """16 clients x 10 requests; the broker is killed mid-load and restarted: all done once."""
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def one_client(n: int) -> None:
+        try:
+            with Client(rel.address, timeout=180) as client:
+                results[n] = [
+                    client.generate(f"client {n}", model=MODEL, steps=2, seed=1000 * n + i) for i in range(10)
+                ]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_client, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)
+    broker = rel.processes[0]
+    broker.kill()
+    broker.wait()
+    time.sleep(1.0)
+    rel.processes[0] = rel.start_broker()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors, errors
+    assert sorted(results) == list(range(16))
+    for n, images_per_request in results.items():
+        assert len(images_per_request) == 10
+        for i, images in enumerate(images_per_request):
+            assert [image.seed for image in images] == [1000 * n + i]
+    rel.wait_for({(service, MODEL): 1 for service in SERVICES})  # nodes re-registered by themselves
+
+
+def _node_pid(rel: ProcessCluster, service: str) -> int:
+    return next(node_pid(n["node"]) for n in rel.nodes() if n["service"] == service)
+
+
+def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
+    command = [sys.executable, "-m", "triptych", "generate", "long", "--model", MODEL, "--steps", "1000"]
+    command += ["--broker", rel.address, "--out", str(tmp_path), "--seed", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait for the denoiser to be busy with it
+        if any(n["service"] == "denoiser" and n["state"] == "busy" for n in rel.nodes()):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the denoiser never started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and out == "" and "cancelled" in err
+    deadline = time.monotonic() + 5  # 1000 tiny steps take far longer than this
+    while any(n["service"] == "denoiser" and n["state"] == "busy" for n in rel.nodes()):
+        assert time.monotonic() < deadline, "the denoiser kept working on a cancelled request"
+        time.sleep(0.1)
+    with rel.client() as client:
+        assert len(client.generate("after cancel", model=MODEL, steps=2, seed=2)) == 1
+
+
+def test_busy_broker_refuses_clearly(tmp_path):
+    procs = ProcessCluster(tmp_path / "logs")
+    procs._spawn("broker", ["triptych", "broker", "--bind", procs.address, "--max-requests", "1"])
+    outcome: list[str] = []
+
+    def occupy() -> None:  # no node serves this model, so it stays in flight until its timeout
+        with procs.client(timeout=4) as first:
+            try:
+                first.generate("a", model=MODEL, seed=1)
+            except GenerationError as exc:
+                outcome.append(str(exc))
+
+    try:
+        waiting = threading.Thread(target=occupy)
+        waiting.start()
+        time.sleep(1.5)
+        with procs.client(timeout=10) as second, pytest.raises(GenerationError, match="busy") as info:
+            second.generate("b", model=MODEL, seed=2)
+        assert info.value.retryable
+        waiting.join(timeout=30)
+        assert outcome and "no encoder node serves model" in outcome[0]
+    finally:
+        procs.stop()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_up_leaves_no_orphans(checkpoints, how):
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "triptych", "up", "--model", str(checkpoints[MODEL]), "--bind", bind]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    try:
+        line = up.stdout.readline()
+        assert "ready" in line, line
+        children = _children(up.pid)
+        assert len(children) == 4  # broker + encoder + denoiser + decoder
+        up.send_signal(getattr(signal, how))
+        up.wait(timeout=30)
+        deadline = time.monotonic() + 15  # after SIGKILL the children notice their parent is gone
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"orphans left: {[p for p in children if _alive(p)]}"
+            time.sleep(0.2)
+    finally:
+        if up.poll() is None:
+            up.kill()
