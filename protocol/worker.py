@@ -206,6 +206,7 @@ class Worker:
         poller.register(from_compute, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
         goodbye = False
+        broker_was_up = True
         while not goodbye:
             events = dict(poller.poll(int(HEARTBEAT_INTERVAL * 250)))
             now = time.monotonic()
@@ -216,12 +217,15 @@ class Worker:
                 last_sent = now
             if dealer in events:
                 last_heard = now
+                broker_was_up = True
                 self._on_broker(dealer, dealer.recv_multipart(copy=False))
             if now - last_sent >= HEARTBEAT_INTERVAL:
                 dealer.send_multipart(messages.to_frames(Heartbeat(stats=self._stats())))
                 last_sent = now
             if now - last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
-                logger.warning("broker %s silent for %.1fs: reconnecting", self.broker, now - last_heard)
+                level = logging.WARNING if broker_was_up else logging.DEBUG  # say it once per outage
+                logger.log(level, "broker %s silent for %.1fs: reconnecting", self.broker, now - last_heard)
+                broker_was_up = False
                 poller.unregister(dealer)
                 dealer.close(linger=0)
                 dealer = self._connect()

@@ -14,6 +14,7 @@ from pathlib import Path
 from protocol.messages import DECODER, DENOISER, ENCODER
 from protocol.security import Curve
 from protocol.worker import Handler, Worker
+from triptych.families.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,21 @@ def add_node_arguments(parser: argparse.ArgumentParser, service: str) -> None:
             default=20.0,
             help="how long a batch waits for compatible requests to join it (default 20 ms)",
         )
+        parser.add_argument(
+            "--compile",
+            nargs="?",
+            const="default",
+            metavar="MODE",
+            help="torch.compile the denoiser (optional mode: max-autotune, reduce-overhead...)",
+        )
+        parser.add_argument("--channels-last", action="store_true", help="UNet convolutions in channels-last layout")
+        parser.add_argument("--fuse-qkv", action="store_true", help="fuse attention QKV projections")
+        parser.add_argument("--attention-backend", help="diffusers attention backend (native, flash, sage...)")
+        parser.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls exact on CUDA")
+    if service == DECODER:
+        parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+        parser.add_argument("--vae-slicing", action="store_true", help="decode batches one image at a time")
+        parser.add_argument("--tiny-vae", metavar="PATH", help="AutoencoderTiny (TAESD) folder/hub id for previews")
     add_curve_client_arguments(parser)
 
 
@@ -93,7 +109,17 @@ def serve(service: str, args: argparse.Namespace) -> int:
         print(f"triptych {service}: {exc}", file=sys.stderr)
         return 2
     device, dtype = _resolve(service, args.device, args.dtype, family.cuda_dtype)
-    stage = load_stage(args.model, service, device=device, dtype=dtype)
+    speed = SpeedOptions(
+        compile=getattr(args, "compile", None),
+        channels_last=getattr(args, "channels_last", False),
+        fuse_qkv=getattr(args, "fuse_qkv", False),
+        attention_backend=getattr(args, "attention_backend", None),
+        tf32=not getattr(args, "no_tf32", False),
+        vae_tiling=getattr(args, "vae_tiling", False),
+        vae_slicing=getattr(args, "vae_slicing", False),
+        tiny_vae=getattr(args, "tiny_vae", None),
+    )
+    stage = load_stage(args.model, service, device=device, dtype=dtype, speed=speed)
     name = args.name or model_name(args.model)
     info = {"family": family.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
     batching: dict = {}
@@ -154,7 +180,8 @@ def exit_with_parent(stop: threading.Event) -> None:
 def configure_logging(level: str) -> None:
     quiet = getattr(logging, level.upper(), logging.INFO) >= logging.WARNING
     # Hub libraries print import-time notices and progress bars; a quiet node shows only problems.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if quiet else "warning")
+    # (transformers' import-time notices about optional packages are noise for a node at any level.)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error" if quiet else "warning")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from triptych.families import DENOISE, Family, family_for_pipeline
+from triptych.families import DECODE, DENOISE, Family, family_for_pipeline
+from triptych.families.speed import SpeedOptions, apply_to_decoder, apply_to_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,13 @@ def component_names(model_index: dict) -> list[str]:
     return [key for key, value in model_index.items() if not key.startswith("_") and isinstance(value, list | tuple)]
 
 
-def load_stage(model: str, stage: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedStage:
+def load_stage(
+    model: str,
+    stage: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    speed: SpeedOptions | None = None,
+) -> LoadedStage:
     import diffusers
     import transformers
 
@@ -56,8 +63,13 @@ def load_stage(model: str, stage: str, device: str = "cpu", dtype: torch.dtype =
     pipe = pipeline_class.from_pretrained(model, dtype=dtype, **skipped)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    speed = speed or SpeedOptions()
     if stage == DENOISE:
         _apply_vae_config(pipe, model)
+        name = family.denoiser_attr
+        setattr(pipe, name, apply_to_denoiser(getattr(pipe, name), device, speed))
+    elif stage == DECODE:
+        apply_to_decoder(pipe, speed)
     return LoadedStage(family=family, pipe=pipe, model_index=model_index)
 
 
