@@ -179,7 +179,10 @@ class Worker:
             if job.cancelled.is_set():
                 self._send(JobFailed(job_id=job.job_id, error="cancelled"))
             else:
-                self._send(JobDone(job_id=job.job_id, payload=payload, stats=stats))
+                try:
+                    self._send(JobDone(job_id=job.job_id, payload=payload, stats=stats))
+                except CodecError as exc:  # a result that cannot travel fails its job, not the node
+                    self._send(JobFailed(job_id=job.job_id, error=f"result could not be encoded: {exc}"))
 
     def _stats(self) -> dict:
         if self.stats is None:

@@ -209,6 +209,7 @@ def test_busy_broker_refuses_clearly(tmp_path):
                 outcome.append(str(exc))
 
     try:
+        procs.wait_for({})  # the broker answers
         waiting = threading.Thread(target=occupy)
         waiting.start()
         time.sleep(1.5)
