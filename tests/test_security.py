@@ -1,0 +1,108 @@
+"""CURVE: an authorized key is served; an unknown key or no key gets nothing processed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.security import Curve, generate_keys
+from tests.cluster import ROOT, ProcessCluster
+from tests.conftest import SERVICES
+from triptych.client import Client, GenerationError
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "sd-tiny"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    authorized = folder / "authorized"
+    authorized.mkdir()
+    for name in ("broker", "node", "alice", "mallory"):
+        generate_keys(folder, name)
+    for name in ("node", "alice"):
+        shutil.copy(folder / f"{name}.key", authorized / f"{name}.key")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def secure(checkpoints, keys, tmp_path_factory) -> Iterator[ProcessCluster]:
+    procs = ProcessCluster(tmp_path_factory.mktemp("curve-logs"))
+    broker_flags = ["--curve-secret", str(keys / "broker.key_secret"), "--curve-authorized", str(keys / "authorized")]
+    procs._spawn("broker", ["triptych", "broker", "--bind", procs.address, *broker_flags])
+    node_flags = ["--curve-secret", str(keys / "node.key_secret"), "--curve-broker", str(keys / "broker.key")]
+    try:
+        for service in SERVICES:
+            procs.start_node(service, checkpoints[MODEL], *node_flags)
+        deadline = time.monotonic() + 180
+        curve = Curve(secret_file=keys / "alice.key_secret", broker_public_file=keys / "broker.key")
+        with Client(procs.address, curve=curve) as client:
+            while {n["service"] for n in _nodes(client)} != set(SERVICES):
+                assert time.monotonic() < deadline, procs.logs()
+                procs.check_alive()
+                time.sleep(0.3)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def _nodes(client: Client) -> list[dict]:
+    try:
+        return client.status(timeout=2).nodes
+    except GenerationError:
+        return []
+
+
+def _generate(procs: ProcessCluster, *flags: str, timeout: str = "60") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "triptych", "generate", "a key", "--model", MODEL, "--steps", "2"]
+    command += ["--seed", "1", "--broker", procs.address, "--timeout", timeout, "--out", str(procs.log_dir), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_authorized_key_is_served(secure, keys):
+    result = _generate(
+        secure, "--curve-secret", str(keys / "alice.key_secret"), "--curve-broker", str(keys / "broker.key")
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_key_is_refused(secure, keys):
+    flags = ("--curve-secret", str(keys / "mallory.key_secret"), "--curve-broker", str(keys / "broker.key"))
+    started = time.monotonic()
+    result = _generate(secure, *flags, timeout="4")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "authentication failed" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_no_key_is_refused(secure):
+    result = _generate(secure, timeout="4")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "did not answer" in result.stderr
+
+
+def test_unknown_key_cannot_register_as_a_node(secure, keys, checkpoints):
+    """A node with an unauthorized key never shows up in the broker's list."""
+    flags = ["--curve-secret", str(keys / "mallory.key_secret"), "--curve-broker", str(keys / "broker.key")]
+    intruder = secure.start_node("decoder", checkpoints[MODEL], *flags, "--name", "intruder")
+    try:
+        deadline = time.monotonic() + 120
+        while not any("serving model intruder" in log.read_text() for log in secure.log_dir.glob("decoder-*.log")):
+            assert time.monotonic() < deadline and intruder.poll() is None, secure.logs()
+            time.sleep(0.3)
+        time.sleep(3)  # several registration attempts and heartbeats
+        curve = Curve(secret_file=keys / "alice.key_secret", broker_public_file=keys / "broker.key")
+        with Client(secure.address, curve=curve) as client:
+            assert "intruder" not in {n["model"] for n in client.status().nodes}
+    finally:
+        intruder.terminate()
+        intruder.wait(timeout=15)
