@@ -60,5 +60,5 @@ def test_encoder_runs_in_bfloat16(family_checkpoint, family):
 
 
 def test_unsupported_pipeline_is_named():
-    with pytest.raises(UnsupportedModel, match="KandinskyPipeline.*supported families"):
+    with pytest.raises(UnsupportedModel, match=r"KandinskyPipeline.*supported families"):
         family_for_pipeline("KandinskyPipeline")
