@@ -1,0 +1,632 @@
+"""GPU memory and speed: triptych's denoiser node against diffusers on one GPU.
+
+For each model, a pipeline of the published architecture is built with random weights (the
+configs are written below; nothing is downloaded) directly on the GPU in its usual dtype, then
+measured three ways in one run:
+
+  (a) triptych's denoiser: a pipeline holding only the stage's components (the family's
+      ``components["denoiser"]``: the UNet/transformer and the scheduler) on the GPU, everything
+      else on the CPU, fed precomputed embeddings, run through the family's own ``denoise`` --
+      the code the denoiser node runs. Peak ``torch.cuda.max_memory_allocated`` and seconds
+      per image (the GPU's time per image: the encoder and decoder nodes run elsewhere, on
+      other requests meanwhile). The floor it is held to: the denoiser's weight bytes plus the
+      activations of one denoiser forward pass, replayed alone on the step's own inputs.
+  (b) diffusers with every component on the GPU: peak memory and seconds per image
+      (text encoding, denoising and VAE decoding of one image).
+  (c) diffusers with ``enable_model_cpu_offload()``: seconds per image.
+
+Ratios printed, with their targets: (a) peak / (weights + one step's activations) <= 1.15;
+(a) s/image / (b) s/image <= 1.03; (c) s/image / (a) s/image >= 3.
+
+A model without a triptych family is measured through a stand-in Family subclass written
+here (the base class's batching, embedding casts, seeding and latent output, with that
+pipeline's encode call); the output says so.
+
+    python benchmarks/gpu_memory.py --json gpu.json                  # all models, CUDA
+    python benchmarks/gpu_memory.py --models pixart,sdxl --steps 20
+    python benchmarks/gpu_memory.py --tiny                           # tiny configs; CPU works
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchlib import describe, machine, table, verdict, write_json
+
+PROMPT = "a photo of a red fox in the snow, highly detailed"
+GiB = 2**30
+TARGET_MEMORY = 1.15  # (a) peak <= this x (weights + one step's activations)
+TARGET_SPEED = 1.03  # (a) s/image <= this x (b) s/image
+TARGET_OFFLOAD = 3.0  # (c) s/image >= this x (a) s/image
+
+
+# --- published configs (full) and miniature ones (--tiny) -----------------------------------
+
+# T5 v1.1 XXL encoder (PixArt-alpha's and Flux's text encoder): 4.7B parameters.
+T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+}
+T5_TINY = {**T5_XXL, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
+
+# CLIP ViT-L/14 text tower (SD, SDXL's first encoder, Flux's pooled encoder).
+CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_L_TINY = {**CLIP_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+# OpenCLIP ViT-bigG/14 text tower with projection (SDXL's second encoder).
+CLIP_BIGG = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+CLIP_BIGG_TINY = {**CLIP_BIGG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+CLIP_BIGG_TINY.update(num_attention_heads=4, projection_dim=32)
+
+# The SD KL VAE (PixArt-alpha, SDXL with its own scaling factor); Flux's has 16 latent channels.
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+}
+VAE_TINY = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
+FLUX_VAE = {
+    **SD_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+# PixArt-alpha XL-2-1024: 28 DiT blocks of width 1152 (0.6B parameters), 1024 px.
+PIXART_XL_2_1024 = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "cross_attention_dim": 1152,
+    "caption_channels": 4096,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "num_embeds_ada_norm": 1000,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+}
+PIXART_TINY = {**PIXART_XL_2_1024, "sample_size": 32, "num_layers": 2, "num_attention_heads": 2}
+PIXART_TINY.update(attention_head_dim=16, cross_attention_dim=32, caption_channels=32)
+
+# SDXL base 1.0 UNet: 2.6B parameters, 1024 px.
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,  # CLIP-L (768) + bigG (1280) penultimate states
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 x 256 micro-conditions + bigG's 1280
+    "norm_num_groups": 32,
+}
+SDXL_UNET_TINY = {**SDXL_UNET, "sample_size": 8, "block_out_channels": [32, 64], "transformer_layers_per_block": [1, 2]}
+SDXL_UNET_TINY.update(
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4],
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+
+# FLUX.1-dev transformer: 19 double-stream and 38 single-stream blocks of width 3072 (11.9B).
+FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_TINY = {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2}
+FLUX_TINY.update(joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+
+
+# --- building pipelines ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def built_on(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Create modules directly on ``device`` in ``dtype``: random init on a GPU takes seconds."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _clip_config(tokenizer: Any, config: dict) -> Any:
+    from transformers import CLIPTextConfig
+
+    # The model's vocabulary is the real one; the offline tokenizer uses the first few hundred ids.
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return CLIPTextConfig(**config, **ids, pad_token_id=tokenizer.pad_token_id)
+
+
+def _t5(config: dict) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(**config, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+
+
+def build_pixart(tiny: bool) -> Any:
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from triptych.tiny import _pixart_scheduler, _t5_tokenizer
+
+    return PixArtAlphaPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5(T5_TINY if tiny else T5_XXL),
+        vae=AutoencoderKL(**{**SD_VAE, "sample_size": 512, **(VAE_TINY if tiny else {})}),
+        transformer=PixArtTransformer2DModel(**(PIXART_TINY if tiny else PIXART_XL_2_1024)),
+        scheduler=_pixart_scheduler(),
+    )
+
+
+def build_sdxl(tiny: bool) -> Any:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from triptych.tiny import _clip_tokenizer
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")  # bigG's tokenizer pads with "!"
+    vae = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**{**vae, **(VAE_TINY if tiny else {})}),
+        text_encoder=CLIPTextModel(_clip_config(tokenizer, CLIP_L_TINY if tiny else CLIP_L)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2, CLIP_BIGG_TINY if tiny else CLIP_BIGG)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel(**(SDXL_UNET_TINY if tiny else SDXL_UNET)),
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def build_flux(tiny: bool) -> Any:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from triptych.tiny import _clip_tokenizer, _t5_tokenizer
+
+    tokenizer = _clip_tokenizer()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=AutoencoderKL(**{**FLUX_VAE, "sample_size": 1024, **(VAE_TINY if tiny else {})}),
+        text_encoder=CLIPTextModel(_clip_config(tokenizer, CLIP_L_TINY if tiny else CLIP_L)).eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5(T5_TINY if tiny else T5_XXL),
+        tokenizer_2=_t5_tokenizer(),
+        transformer=FluxTransformer2DModel(**(FLUX_TINY if tiny else FLUX_DEV)),
+    )
+
+
+# --- stand-in families for pipelines triptych has no family for yet -------------------------
+
+
+def _stand_ins() -> dict[str, Any]:
+    from triptych.families.base import DECODE, DENOISE, ENCODE, Family
+
+    class SDXLStandIn(Family):
+        name = "sdxl (benchmark stand-in)"
+        pipelines = ("StableDiffusionXLPipeline",)
+        components = {
+            ENCODE: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
+            DENOISE: ("unet", "scheduler"),
+            DECODE: ("vae",),
+        }
+        denoiser_attr = "unet"
+
+        def encode_text(self, pipe: Any, text: str) -> dict[str, torch.Tensor]:
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                text, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (1, 77, 2048), (1, 1280)
+
+    class FluxStandIn(Family):
+        name = "flux (benchmark stand-in)"
+        pipelines = ("FluxPipeline",)
+        components = {
+            ENCODE: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
+            DENOISE: ("transformer", "scheduler"),
+            DECODE: ("vae",),
+        }
+        cuda_dtype = torch.bfloat16
+        denoiser_attr = "transformer"
+
+        def uses_negative(self, pipe: Any, request: dict) -> bool:
+            return False  # guidance-distilled: the guidance scale is an input, not a second pass
+
+        def default_size(self, pipe: Any) -> tuple[int, int]:
+            return 1024, 1024  # FluxPipeline's default whatever the checkpoint says
+
+        def size_multiple(self, pipe: Any) -> int:
+            return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
+
+        def encode_text(self, pipe: Any, text: str) -> dict[str, torch.Tensor]:
+            embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=pipe.device, num_images_per_prompt=1)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (1, 512, 4096), (1, 768)
+
+    return {"StableDiffusionXLPipeline": SDXLStandIn(), "FluxPipeline": FluxStandIn()}
+
+
+def family_of(pipe: Any) -> tuple[Any, bool]:
+    """triptych's family for the pipeline, or the stand-in; True when it is triptych's own."""
+    from triptych.families import UnsupportedModel, family_for_pipeline
+
+    try:
+        return family_for_pipeline(type(pipe).__name__), True
+    except UnsupportedModel:
+        return _stand_ins()[type(pipe).__name__], False
+
+
+def denoiser_stage(pipe: Any, family: Any, device: str, workdir: Path) -> Any:
+    """The denoiser node's pipeline, made as ``load_stage`` makes it, from components in memory.
+
+    The family's denoiser components are kept (moved to ``device``), every other one is None,
+    and the VAE's config (written to ``workdir``) sets the latent scale as it does on a node.
+    """
+    from triptych.families import DENOISE
+    from triptych.families.loading import _apply_vae_config
+
+    keep = family.components[DENOISE]
+    parts = {name: (value if name in keep else None) for name, value in pipe.components.items()}
+    parts["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    extra = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in parts}
+    if "add_watermarker" in type(pipe).__init__.__code__.co_varnames:
+        extra["add_watermarker"] = False
+    stage = type(pipe)(**parts, **extra)
+    stage.to(device)
+    stage.set_progress_bar_config(disable=True)
+    pipe.vae.save_config(workdir / "vae")
+    _apply_vae_config(stage, str(workdir))
+    return stage
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class Gpu:
+    """Synchronised timing and peak-memory readings; on a CPU, timings only."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def allocated(self) -> int | None:
+        return torch.cuda.memory_allocated() if self.cuda else None
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.cuda else None
+
+    def per_image(self, run: Callable[[int], Any], images: int, warmup: int) -> tuple[float, int | None]:
+        """(seconds per image, peak bytes) over ``images`` calls after ``warmup`` untimed ones."""
+        for i in range(warmup):
+            run(1000 + i)
+        self.reset()
+        start = time.perf_counter()
+        for i in range(images):
+            run(i)
+        self.sync()
+        return (time.perf_counter() - start) / images, self.peak()
+
+
+class FirstCall:
+    """Keeps a copy of the inputs of a module's first forward call, then unhooks itself."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.captured = False
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def copy(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.clone()
+            if isinstance(value, dict):
+                return {k: copy(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return type(value)(copy(v) for v in value)
+            return value
+
+        self.args, self.kwargs = copy(args), copy(kwargs)
+        self.captured = True
+        self._handle.remove()
+
+
+@dataclass
+class Spec:
+    name: str
+    build: Callable[[bool], Any]
+    dtype: torch.dtype
+    steps: int  # default denoising steps here (fewer than some pipelines' defaults, to fit the time)
+    size: int  # image side in pixels
+    tiny_size: int
+    notes: list[str] = field(default_factory=list)
+
+
+SPECS = {
+    "pixart": Spec("PixArt-alpha XL-2-1024", build_pixart, torch.float16, 20, 1024, 256),
+    "sdxl": Spec("SDXL base 1.0", build_sdxl, torch.float16, 20, 1024, 64),
+    "flux": Spec("FLUX.1-dev", build_flux, torch.bfloat16, 20, 1024, 64),
+}
+
+
+def measure(key: str, args: argparse.Namespace, device: str) -> dict:
+    spec = SPECS[key]
+    gpu = Gpu(device)
+    dtype = spec.dtype if gpu.cuda else torch.float32  # half precision on a CPU is slow and partial
+    steps = args.steps or (2 if args.tiny else spec.steps)
+    size = spec.tiny_size if args.tiny else spec.size
+    images, warmup = args.images, args.warmup
+    result: dict[str, Any] = {"model": spec.name, "dtype": str(dtype).removeprefix("torch."), "steps": steps}
+    result["size"] = f"{size}x{size}"
+
+    gpu.reset()
+    start = time.perf_counter()
+    with built_on(device, dtype):
+        pipe = spec.build(args.tiny)
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    gpu.sync()
+    result["build_s"] = time.perf_counter() - start
+    family, own = family_of(pipe)
+    result["family"] = family.name if own else f"{family.name}: triptych has no family for {type(pipe).__name__}"
+    denoiser = getattr(pipe, family.denoiser_attr)
+    result["weights_gib"] = {
+        name: weight_bytes(module) / GiB
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+    request = {
+        "model": key,
+        "prompt": PROMPT,
+        "negative_prompt": None,
+        "steps": steps,
+        "guidance": None,
+        "height": size,
+        "width": size,
+        "seed": 0,
+        "num_images": 1,
+    }
+
+    with torch.inference_mode():
+        # The encoder node's output, moved to the CPU as it crosses the wire.
+        embeds = {name: t.cpu() for name, t in family.encode(pipe, request).items()}
+        result["embeddings"] = {name: list(t.shape) for name, t in embeds.items()}
+        guidance = family.guidance(pipe, request)
+        call = {"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size}
+        call |= family.extra_kwargs(pipe, request)
+
+        # (b) diffusers, every component on the GPU
+        def full(seed: int) -> Any:
+            return pipe(PROMPT, **call, generator=torch.Generator("cpu").manual_seed(seed)).images
+
+        result["all_on_gpu_s"], peak = gpu.per_image(full, images, warmup)
+        result["all_on_gpu_peak_gib"] = peak / GiB if peak is not None else None
+
+        # (c) diffusers with model CPU offload (needs an accelerator)
+        if gpu.cuda and not args.skip_offload:
+            pipe.enable_model_cpu_offload()
+            result["offload_s"], peak = gpu.per_image(full, args.offload_images, warmup)
+            result["offload_peak_gib"] = peak / GiB
+            pipe.remove_all_hooks()
+            pipe.to("cpu")
+        else:
+            result["offload_s"] = None
+            pipe.to("cpu")
+
+        # (a) triptych's denoiser node: only the denoiser stage on the GPU
+        gpu.reset()
+        with tempfile.TemporaryDirectory() as workdir:
+            stage = denoiser_stage(pipe, family, device, Path(workdir))
+        result["resident_before_gib"] = (gpu.allocated() or 0) / GiB
+        denoiser = getattr(stage, family.denoiser_attr)
+        result["denoiser_weights_gib"] = weight_bytes(denoiser) / GiB
+        first = FirstCall(denoiser)
+
+        def denoise(seed: int) -> Any:
+            return family.denoise(stage, [(embeds, {**request, "seed": seed})], lambda step, total: None)
+
+        result["triptych_s"], peak = gpu.per_image(denoise, images, max(warmup, 1))
+        result["triptych_peak_gib"] = peak / GiB if peak is not None else None
+
+        # One step: the denoiser's forward pass alone, on the inputs of the pipeline's first step.
+        gpu.reset()
+        before = gpu.allocated()
+        denoiser(*first.args, **first.kwargs)
+        gpu.sync()
+        peak = gpu.peak()
+        step_bytes = None if peak is None or before is None else peak - before
+        result["one_step_activations_gib"] = step_bytes / GiB if step_bytes is not None else None
+
+    del pipe, stage, denoiser, first
+    gpu.reset()
+
+    floor = result["denoiser_weights_gib"] + (result["one_step_activations_gib"] or 0)
+    result["floor_gib"] = floor if gpu.cuda else None
+    peak_ratio = result["triptych_peak_gib"] / floor if gpu.cuda else None
+    speed_ratio = result["triptych_s"] / result["all_on_gpu_s"]
+    offload_ratio = result["offload_s"] / result["triptych_s"] if result["offload_s"] else None
+    result["ratios"] = {
+        "peak_over_floor": peak_ratio,
+        "triptych_over_all_on_gpu_s": speed_ratio,
+        "offload_over_triptych_s": offload_ratio,
+    }
+    result["targets_met"] = {
+        "peak_over_floor": None if peak_ratio is None else peak_ratio <= TARGET_MEMORY,
+        "triptych_over_all_on_gpu_s": speed_ratio <= TARGET_SPEED,
+        "offload_over_triptych_s": None if offload_ratio is None else offload_ratio >= TARGET_OFFLOAD,
+    }
+    return result
+
+
+def report(key: str, r: dict) -> None:
+    def gib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    print(f"\n== {r['model']} ({key}): {r['size']}, {r['steps']} steps, {r['dtype']}, family {r['family']}")
+    weights = ", ".join(f"{name} {size:.2f}" for name, size in r["weights_gib"].items())
+    print(f"weights GiB: {weights}; built in {r['build_s']:.1f}s")
+    print(
+        table(
+            ["setup", "peak GiB", "s/image"],
+            [
+                ["(a) triptych denoiser node (denoise only)", gib(r["triptych_peak_gib"]), r["triptych_s"]],
+                ["    floor: denoiser weights + one step's activations", gib(r["floor_gib"]), None],
+                ["(b) diffusers, all on GPU (encode+denoise+decode)", gib(r["all_on_gpu_peak_gib"]), r["all_on_gpu_s"]],
+                ["(c) diffusers, enable_model_cpu_offload", gib(r.get("offload_peak_gib")), r["offload_s"]],
+            ],
+        )
+    )
+    print(
+        f"resident on the GPU before the denoiser stage loaded: {gib(r['resident_before_gib'])} GiB; "
+        f"denoiser weights {gib(r['denoiser_weights_gib'])} GiB, "
+        f"one step's activations {gib(r['one_step_activations_gib'])} GiB"
+    )
+    ratios, met = r["ratios"], r["targets_met"]
+    lines = [
+        ("peak_over_floor", "(a) peak / (weights + one step)", f"<= {TARGET_MEMORY}"),
+        ("triptych_over_all_on_gpu_s", "(a) s/image / (b) s/image", f"<= {TARGET_SPEED}"),
+        ("offload_over_triptych_s", "(c) s/image / (a) s/image", f">= {TARGET_OFFLOAD:g}"),
+    ]
+    for name, label, target in lines:
+        value = "n/a" if ratios[name] is None else f"{ratios[name]:.3f}"
+        print(f"result: {key} {label} = {value} (target {target}: {verdict(met[name])})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="pixart,sdxl,flux", help="comma-separated: pixart, sdxl, flux (default all)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 20; 2 with --tiny)")
+    parser.add_argument("--images", type=int, default=2, help="timed images per setup (default 2)")
+    parser.add_argument("--offload-images", type=int, default=1, help="timed images with CPU offload (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed images first, per setup (default 1)")
+    parser.add_argument("--skip-offload", action="store_true", help="leave out (c)")
+    parser.add_argument("--device", help="default cuda when available, else cpu")
+    parser.add_argument("--tiny", "--smoke", action="store_true", help="miniature configs: a check that it runs")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    keys = [key.strip() for key in args.models.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in SPECS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(SPECS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        # As the denoiser node does on CUDA by default; set for every setup alike.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        print("no CUDA: timings only, no memory figures and no CPU offload (the figures that matter need a GPU)")
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights give NaN pixels in fp16
+    info = machine()
+    print(f"gpu_memory benchmark | {describe(info)} | device {device}")
+    results = {}
+    for key in keys:
+        results[key] = measure(key, args, device)
+        report(key, results[key])
+    write_json(
+        args.json,
+        {"benchmark": "gpu_memory", "mode": "tiny" if args.tiny else "full", "machine": info, "models": results},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
