@@ -1,0 +1,42 @@
+"""`triptych run` on a fresh machine: the offline demo model, one command, a PNG, a clean exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decoder_node.png import read_metadata
+from tests.cluster import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_run_with_the_demo_model(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "triptych", "run", "a tiny demo", "--steps", "3", "--seed", "5"]
+    command += ["--num-images", "2", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "demo model with random weights" in result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert [read_metadata(p.read_bytes())["seed"] for p in paths] == ["5", "6"]
+    assert (tmp_path / "cache" / "triptych" / "triptych-demo-sd" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("module", ["encoder_node", "denoiser_node", "decoder_node"])
+def test_nodes_run_as_modules(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "--model" in result.stdout and "--broker" in result.stdout
+
+
+def test_unsupported_model_fails_at_node_start(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline", "unet": ["x", "y"]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "denoiser_node", "--model", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode != 0
+    assert "KandinskyPipeline" in result.stderr and "stable-diffusion" in result.stderr
