@@ -32,6 +32,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
@@ -67,6 +68,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -990,6 +992,11 @@ def _build_flux2(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
             latent_channels=32,
             sample_size=1024,
         )
+        # Real batch-norm statistics are far from (0, 1); random ones make a decoder that skips
+        # or repeats the un-normalization fail the parity tests.
+        with torch.no_grad():
+            vae.bn.running_mean.normal_()
+            vae.bn.running_var.uniform_(0.5, 2.0)
     # FLUX.2's scheduler: the pipeline passes an empirical mu for the time shift.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -1010,6 +1017,86 @@ def _build_flux2(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     )
 
 
+def _build_flux2_klein(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """FLUX.2-klein layout: Qwen3 as text encoder, Flux2 MMDiT without guidance input, 32-channel VAE.
+
+    The pipeline stacks Qwen3's hidden states 9, 18 and 27, so the encoder has 28 (tiny) layers
+    and the denoiser's text width is 3 x hidden. Not step-distilled, so classifier-free guidance
+    runs. Its default size is fixed at 1024x1024.
+    """
+    tokenizer = _qwen_tokenizer(chat_template=_QWEN3_CHAT_TEMPLATE)
+    hidden, depth = 32, 28
+    with _seeded(seed, 0):
+        layers, ffn = (depth, hidden * 2)
+        if text_encoder_scale > 1:
+            layers, ffn = _scaled_ffn(hidden, text_encoder_scale, 3, min_layers=depth)
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=ffn,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                max_position_embeddings=40960,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    with _seeded(seed, 1):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=128,  # 32 latent channels packed as 2x2 patches
+            num_layers=1,
+            num_single_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=3 * hidden,
+            timestep_guidance_channels=256,
+            mlp_ratio=3.0,
+            axes_dims_rope=(4, 4, 4, 4),  # RoPE splits the head dim over (t, y, x, text id)
+            rope_theta=2000,
+            guidance_embeds=False,  # klein takes no distilled guidance; it runs real CFG
+        )
+    with _seeded(seed, 2):
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=32,
+            sample_size=1024,
+        )
+        # Real batch-norm statistics are far from (0, 1); random ones make a decoder that skips
+        # or repeats the un-normalization fail the parity tests.
+        with torch.no_grad():
+            vae.bn.running_mean.normal_()
+            vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd": _build_sd,
     "pixart-alpha": _build_pixart_alpha,
@@ -1021,6 +1108,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "qwenimage": _build_qwenimage,
     "zimage": _build_zimage,
     "flux2": _build_flux2,
+    "flux2-klein": _build_flux2_klein,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)

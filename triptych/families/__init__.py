@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from triptych.families.base import DECODE, DENOISE, ENCODE, Family
-from triptych.families.pixart import PixArtAlpha
+from triptych.families.flux import Flux
+from triptych.families.flux2 import Flux2, Flux2Klein
+from triptych.families.pixart import PixArtAlpha, PixArtSigma
+from triptych.families.qwenimage import QwenImage
+from triptych.families.sana import Sana
 from triptych.families.sd import StableDiffusion
+from triptych.families.sd3 import StableDiffusion3
+from triptych.families.sdxl import StableDiffusionXL
+from triptych.families.zimage import ZImage
 
-FAMILIES: tuple[Family, ...] = (StableDiffusion(), PixArtAlpha())
+FAMILIES: tuple[Family, ...] = (
+    StableDiffusion(),
+    PixArtAlpha(),
+    StableDiffusionXL(),
+    StableDiffusion3(),
+    Flux(),
+    PixArtSigma(),
+    Sana(),
+    Flux2(),
+    Flux2Klein(),
+    QwenImage(),
+    ZImage(),
+)
 _BY_PIPELINE = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}
 
 

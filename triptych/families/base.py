@@ -67,6 +67,26 @@ class Family:
     def size_multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor
 
+    def apply_vae_config(self, pipe: Any, vae_config: dict) -> None:
+        """The denoiser loads no VAE: give its pipeline what its ``__init__`` reads from one.
+
+        The default derives the scale factor from ``block_out_channels`` (AutoencoderKL and kin);
+        families whose VAE is configured otherwise, or whose ``__call__`` reads the VAE even for
+        latent output, override this.
+        """
+        blocks = vae_config.get("block_out_channels")
+        if blocks:
+            self.set_vae_scale_factor(pipe, 2 ** (len(blocks) - 1))
+
+    @staticmethod
+    def set_vae_scale_factor(pipe: Any, scale: int) -> None:
+        processor = getattr(pipe, "image_processor", None)
+        if processor is not None:
+            # Keep the pipeline's own ratio: packed-latent processors work in 2x2 patches (scale * 2).
+            ratio = processor.config.vae_scale_factor // pipe.vae_scale_factor
+            pipe.image_processor = type(processor)(vae_scale_factor=scale * ratio)
+        pipe.vae_scale_factor = scale
+
     # --- stage 1: encode --------------------------------------------------------------------
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
@@ -107,6 +127,10 @@ class Family:
     def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
         """Further pipeline arguments a family needs (e.g. a negative prompt of None)."""
         return {}
+
+    def guidance_kwargs(self, pipe: Any, request: dict, guidance: float) -> dict[str, Any]:
+        """The pipeline arguments the request's guidance sets (a family may map it elsewhere)."""
+        return {"guidance_scale": guidance}
 
     def resolve_params(self, pipe: Any, request: dict) -> dict[str, Any]:
         """The generation parameters as the pipeline will use them, for the decoder and the PNG."""
@@ -161,7 +185,7 @@ class Family:
             **self.embed_kwargs(pipe, embeds),
             **self.extra_kwargs(pipe, batch[0][1]),
             "num_inference_steps": first["steps"],
-            "guidance_scale": first["guidance"],
+            **self.guidance_kwargs(pipe, batch[0][1], first["guidance"]),
             "height": first["height"],
             "width": first["width"],
             "num_images_per_prompt": 1,

@@ -65,7 +65,7 @@ def load_stage(
     pipe.set_progress_bar_config(disable=True)
     speed = speed or SpeedOptions()
     if stage == DENOISE:
-        _apply_vae_config(pipe, model)
+        _apply_vae_config(pipe, model, family)
         name = family.denoiser_attr
         setattr(pipe, name, apply_to_denoiser(getattr(pipe, name), device, speed))
     elif stage == DECODE:
@@ -73,19 +73,14 @@ def load_stage(
     return LoadedStage(family=family, pipe=pipe, model_index=model_index)
 
 
-def _apply_vae_config(pipe: Any, model: str) -> None:
+def _apply_vae_config(pipe: Any, model: str, family: Family) -> None:
     """The denoiser has no VAE, but its latent size depends on the VAE's scale factor."""
     import diffusers
 
     try:
+        # Any VAE class reads its config.json the same way; the family knows which keys matter.
         config = diffusers.AutoencoderKL.load_config(model, subfolder="vae")
     except (OSError, ValueError):
-        logger.warning("%s: no vae/config.json; assuming a scale factor of 8", model)
+        logger.warning("%s: no vae/config.json; assuming the pipeline's default scale factor", model)
         return
-    blocks = config.get("block_out_channels")
-    if blocks:
-        scale = 2 ** (len(blocks) - 1)
-        pipe.vae_scale_factor = scale
-        processor = getattr(pipe, "image_processor", None)
-        if processor is not None:
-            pipe.image_processor = type(processor)(vae_scale_factor=scale)
+    family.apply_vae_config(pipe, dict(config))

@@ -1,4 +1,4 @@
-"""PixArt-alpha: a T5 text encoder with attention masks, a DiT, resolution binning."""
+"""PixArt-alpha and -Sigma: a T5 text encoder with attention masks, a DiT, resolution binning."""
 
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ class PixArtAlpha(Family):
         image = super().decode_latents(pipe, latents, params)
         # The denoiser ran at the closest binned resolution; back to the size asked for.
         return pipe.image_processor.resize_and_crop_tensor(image, params["width"], params["height"])
+
+
+class PixArtSigma(PixArtAlpha):
+    """As alpha; the pipeline's own defaults give the differences: 300-token prompts and masks,
+    and aspect-ratio bins up to 2048 px (chosen by the transformer's sample size)."""
+
+    name = "pixart-sigma"
+    pipelines = ("PixArtSigmaPipeline",)

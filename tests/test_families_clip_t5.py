@@ -1,0 +1,157 @@
+"""Parity for SDXL, SD3, FLUX.1 and PixArt-Sigma: the split pipeline's images equal diffusers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.family_parity import max_difference, reference_run, request_dict, split_run, stage, wire
+from tests.test_families import family_checkpoint  # noqa: F401 (a session fixture)
+from triptych.families import DENOISE, ENCODE, family_for_pipeline
+
+PROMPT = "a watercolor of a heron"
+
+# case -> (tiny family, the request's options). Non-square sizes everywhere; the extra SDXL and
+# FLUX cases take the path with no negative prompt, which is special in both families.
+CASES = {
+    "sdxl": ("sdxl", {"height": 64, "width": 96, "guidance": 6.0, "negative_prompt": "blurry"}),
+    "sdxl-zero-negative": ("sdxl", {"height": 96, "width": 64, "guidance": 5.0}),
+    "sd3": ("sd3", {"height": 96, "width": 64, "guidance": 5.0, "negative_prompt": "blurry"}),
+    "flux-true-cfg": ("flux", {"height": 64, "width": 96, "guidance": 4.0, "negative_prompt": "blurry"}),
+    "flux": ("flux", {"height": 96, "width": 64, "guidance": 2.5}),
+    "pixart-sigma": ("pixart-sigma", {"height": 256, "width": 192, "guidance": 4.0, "negative_prompt": "blurry"}),
+}
+
+
+def _reference_kwargs(family: str, options: dict, steps: int) -> dict:
+    """The diffusers call that the request means, with the same guidance mapping as triptych's."""
+    kwargs = {"prompt": PROMPT, "num_inference_steps": steps, "height": options["height"], "width": options["width"]}
+    if "negative_prompt" in options:
+        kwargs["negative_prompt"] = options["negative_prompt"]
+    if family == "flux" and "negative_prompt" in options:
+        # With a negative prompt, --guidance is FLUX's real CFG scale; distilled guidance keeps its default.
+        kwargs["true_cfg_scale"] = options["guidance"]
+    else:
+        kwargs["guidance_scale"] = options["guidance"]
+    return kwargs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_equals_diffusers(family_checkpoint, case):  # noqa: F811
+    family, options = CASES[case]
+    path = family_checkpoint(family)
+    request = request_dict(path.name, prompt=PROMPT, steps=3, seed=21, num_images=2, **options)
+    images = split_run(path, request)
+    assert len(images) == 2
+    for index, image in enumerate(images):
+        expected = reference_run(path, 21 + index, **_reference_kwargs(family, options, steps=3))
+        assert max_difference(image, expected) <= 1, f"image {index}"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart-sigma"])
+def test_encoder_runs_in_bfloat16(family_checkpoint, family):  # noqa: F811
+    path = family_checkpoint(family)
+    options = CASES[family if family != "flux" else "flux-true-cfg"][1]
+    request = request_dict(path.name, prompt=PROMPT, steps=2, seed=1, **options)
+    (image,) = split_run(path, request, encoder_dtype=torch.bfloat16)
+    assert image.size == (options["width"], options["height"])
+
+
+def test_flux_guidance_mapping(family_checkpoint):  # noqa: F811
+    denoiser = stage(family_checkpoint("flux"), DENOISE)
+    family, pipe = denoiser.family, denoiser.pipe
+    plain = request_dict("flux", prompt=PROMPT, guidance=2.0)
+    negative = request_dict("flux", prompt=PROMPT, guidance=4.0, negative_prompt="")
+    assert family.guidance_kwargs(pipe, plain, 2.0) == {"guidance_scale": 2.0}
+    assert family.guidance_kwargs(pipe, negative, 4.0) == {"true_cfg_scale": 4.0, "guidance_scale": 3.5}
+    assert not family.uses_negative(pipe, plain)
+    assert family.uses_negative(pipe, negative)  # an empty negative prompt still turns real CFG on
+    assert not family.uses_negative(pipe, {**negative, "guidance": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "name"),
+    [
+        ("StableDiffusionXLPipeline", "stable-diffusion-xl"),
+        ("StableDiffusion3Pipeline", "stable-diffusion-3"),
+        ("FluxPipeline", "flux"),
+        ("PixArtSigmaPipeline", "pixart-sigma"),
+    ],
+)
+def test_registered(pipeline, name):
+    assert family_for_pipeline(pipeline).name == name
+
+
+@pytest.mark.parametrize(("family", "size"), [("sdxl", (64, 64)), ("sd3", (64, 64)), ("flux", (1024, 1024))])
+def test_default_size(family_checkpoint, family, size):  # noqa: F811
+    denoiser = stage(family_checkpoint(family), DENOISE)
+    assert denoiser.family.default_size(denoiser.pipe) == size
+
+
+# family -> (negative prompt, the encoder's tensors as {name: shape}) for the tiny checkpoints
+WIRE = {
+    # no negative prompt: SDXL's denoiser makes zero negatives itself, so none are sent
+    "sdxl": (None, {"prompt_embeds": (1, 77, 64), "pooled_prompt_embeds": (1, 32)}),
+    # 77 CLIP tokens then 256 T5 tokens; a negative "" is encoded for CFG
+    "sd3": (
+        None,
+        {
+            "prompt_embeds": (1, 333, 64),
+            "pooled_prompt_embeds": (1, 64),
+            "negative_prompt_embeds": (1, 333, 64),
+            "negative_pooled_prompt_embeds": (1, 64),
+        },
+    ),
+    # no text_ids: the denoiser's pipeline builds them
+    "flux": (None, {"prompt_embeds": (1, 512, 32), "pooled_prompt_embeds": (1, 32)}),
+    "pixart-sigma": (
+        "blurry",
+        {
+            "prompt_embeds": (1, 300, 32),
+            "prompt_attention_mask": (1, 300),
+            "negative_prompt_embeds": (1, 300, 32),
+            "negative_prompt_attention_mask": (1, 300),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(WIRE))
+def test_what_the_encoder_sends(family_checkpoint, family):  # noqa: F811
+    negative, shapes = WIRE[family]
+    encoder = stage(family_checkpoint(family), ENCODE)
+    request = request_dict(family, prompt=PROMPT, negative_prompt=negative, guidance=5.0)
+    embeds = encoder.family.encode(encoder.pipe, request)
+    assert {name: tuple(tensor.shape) for name, tensor in embeds.items()} == shapes
+
+
+@pytest.mark.parametrize("case", ["sdxl", "sdxl-zero-negative", "sd3", "flux-true-cfg", "flux"])
+def test_batching_changes_nothing(family_checkpoint, case):  # noqa: F811
+    family, options = CASES[case]
+    path = family_checkpoint(family)
+    encoder, denoiser = stage(path, ENCODE), stage(path, DENOISE)
+    requests = [
+        request_dict(path.name, prompt=prompt, steps=2, seed=seed, num_images=count, **options)
+        for prompt, seed, count in [(PROMPT, 3, 2), ("a red fox", 7, 1)]
+    ]
+
+    def no_progress(step: int, total: int) -> None:
+        pass
+
+    with torch.inference_mode():
+        jobs = [(wire(encoder.family.encode(encoder.pipe, request)), request) for request in requests]
+        keys = {denoiser.family.batch_key(denoiser.pipe, embeds, request) for embeds, request in jobs}
+        assert len(keys) == 1
+        batched = denoiser.family.denoise(denoiser.pipe, jobs, no_progress)
+        alone = [denoiser.family.denoise(denoiser.pipe, [job], no_progress)[0] for job in jobs]
+    for (together, _), (single, _) in zip(batched, alone, strict=True):
+        torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)
+
+
+def test_flux_batches_apart_with_and_without_negative(family_checkpoint):  # noqa: F811
+    denoiser = stage(family_checkpoint("flux"), DENOISE)
+    plain = request_dict("flux", prompt=PROMPT, guidance=1.0)
+    negative = {**plain, "negative_prompt": "blurry"}
+    embeds = {"prompt_embeds": torch.zeros(1, 512, 32), "pooled_prompt_embeds": torch.zeros(1, 32)}
+    family, pipe = denoiser.family, denoiser.pipe
+    assert family.batch_key(pipe, embeds, plain) != family.batch_key(pipe, embeds, negative)

@@ -1,0 +1,51 @@
+"""Stable Diffusion 3 / 3.5: CLIP-L + CLIP-G + T5 text encoders, an MMDiT, a 16-channel VAE.
+
+The encoder sends the pipeline's joint sequence -- both CLIPs' penultimate hidden states side by
+side, zero-padded to T5's width, followed by T5's tokens -- and both CLIPs' pooled projections
+side by side. The VAE's latents are shifted as well as scaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+
+
+class StableDiffusion3(Family):
+    name = "stable-diffusion-3"
+    pipelines = ("StableDiffusion3Pipeline",)
+    components = {
+        ENCODE: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
+        DENOISE: ("transformer", "scheduler"),
+        DECODE: ("vae",),
+    }
+    cuda_dtype = torch.bfloat16
+    denoiser_attr = "transformer"
+
+    def size_multiple(self, pipe: Any) -> int:
+        # The MMDiT patchifies the latents (2x2), so sides must be whole patches.
+        return pipe.vae_scale_factor * pipe.patch_size
+
+    def encode_text(self, pipe: Any, text: str) -> Tensors:
+        # (1, 77 + 256, 4096) and a pooled (1, 2048) for SD3 medium. A negative prompt is encoded
+        # exactly like a positive one.
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            text,
+            None,
+            None,
+            device=pipe.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.call_default(pipe, "max_sequence_length"),
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+        vae = pipe.vae
+        latents = latents.to(vae.device, vae.dtype)
+        # A tiny preview VAE (AutoencoderTiny) may have no shift.
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
