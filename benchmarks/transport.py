@@ -145,7 +145,9 @@ class Processes:
     def __enter__(self) -> Processes:
         self._spawn("broker", [sys.executable, "-m", "triptych", "broker", "--bind", self.address])
         for service in ("encoder", "denoiser", "decoder"):
-            self._spawn(service, [sys.executable, __file__, "--node", service, "--broker", self.address])
+            self._spawn(
+                service, [sys.executable, str(Path(__file__).resolve()), "--node", service, "--broker", self.address]
+            )
         return self
 
     def _fail(self, reason: str) -> RuntimeError:

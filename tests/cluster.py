@@ -40,7 +40,8 @@ class ProcessCluster:
 
     def _spawn(self, name: str, args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}-{len(self.processes)}.log", "w")  # noqa: SIM115 - lives with the process
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # Many nodes share few cores here: one torch thread each avoids threads spinning against each other.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         command = [*(self.prefix if prefix is None else prefix), sys.executable, "-m", *args]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.processes.append(process)

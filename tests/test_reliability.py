@@ -174,7 +174,7 @@ def _node_pid(rel: ProcessCluster, service: str) -> int:
 
 
 def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
-    command = [sys.executable, "-m", "triptych", "generate", "long", "--model", MODEL, "--steps", "1000"]
+    command = [sys.executable, "-m", "triptych", "generate", "long", "--model", MODEL, "--steps", "500"]
     command += ["--broker", rel.address, "--out", str(tmp_path), "--seed", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -188,7 +188,7 @@ def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and out == "" and "cancelled" in err
-    deadline = time.monotonic() + 5  # 1000 tiny steps take far longer than this
+    deadline = time.monotonic() + 5  # 500 tiny steps take far longer than this
     while any(n["service"] == "denoiser" and n["state"] == "busy" for n in rel.nodes()):
         assert time.monotonic() < deadline, "the denoiser kept working on a cancelled request"
         time.sleep(0.1)
