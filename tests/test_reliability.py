@@ -174,7 +174,21 @@ def _node_pid(rel: ProcessCluster, service: str) -> int:
 
 
 def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
-    command = [sys.executable, "-m", "triptych", "generate", "long", "--model", MODEL, "--steps", "500"]
+    command = [
+        sys.executable,
+        "-m",
+        "triptych",
+        "generate",
+        "long",
+        "--model",
+        MODEL,
+        "--steps",
+        "500",
+        "--height",
+        "256",
+        "--width",
+        "256",
+    ]
     command += ["--broker", rel.address, "--out", str(tmp_path), "--seed", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
