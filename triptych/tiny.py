@@ -922,6 +922,36 @@ def _build_zimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     )
 
 
+def _flux2_vae_and_scheduler(seed: int) -> tuple[AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler]:
+    with _seeded(seed, 2):
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=32,
+            sample_size=1024,
+        )
+        # Real batch-norm statistics are far from (0, 1); random ones make a decoder that skips
+        # or repeats the un-normalization fail the parity tests.
+        with torch.no_grad():
+            vae.bn.running_mean.normal_()
+            vae.bn.running_var.uniform_(0.5, 2.0)
+    # FLUX.2's scheduler: the pipeline passes an empirical mu for the time shift.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    return vae, scheduler
+
+
 def _build_flux2(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     """FLUX.2-dev layout: Mistral Small 3.1 as text encoder, Flux2 MMDiT, 32-channel VAE.
 
@@ -982,32 +1012,7 @@ def _build_flux2(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
             rope_theta=2000,
             guidance_embeds=True,
         )
-    with _seeded(seed, 2):
-        vae = AutoencoderKLFlux2(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=32,
-            sample_size=1024,
-        )
-        # Real batch-norm statistics are far from (0, 1); random ones make a decoder that skips
-        # or repeats the un-normalization fail the parity tests.
-        with torch.no_grad():
-            vae.bn.running_mean.normal_()
-            vae.bn.running_var.uniform_(0.5, 2.0)
-    # FLUX.2's scheduler: the pipeline passes an empirical mu for the time shift.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    vae, scheduler = _flux2_vae_and_scheduler(seed)
     return Flux2Pipeline(
         scheduler=scheduler,
         vae=vae,
@@ -1062,31 +1067,7 @@ def _build_flux2_klein(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
             rope_theta=2000,
             guidance_embeds=False,  # klein takes no distilled guidance; it runs real CFG
         )
-    with _seeded(seed, 2):
-        vae = AutoencoderKLFlux2(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=32,
-            sample_size=1024,
-        )
-        # Real batch-norm statistics are far from (0, 1); random ones make a decoder that skips
-        # or repeats the un-normalization fail the parity tests.
-        with torch.no_grad():
-            vae.bn.running_mean.normal_()
-            vae.bn.running_var.uniform_(0.5, 2.0)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    vae, scheduler = _flux2_vae_and_scheduler(seed)
     return Flux2KleinPipeline(
         scheduler=scheduler,
         vae=vae,

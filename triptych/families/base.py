@@ -225,3 +225,15 @@ class Family:
     def decode(self, pipe: Any, latents: torch.Tensor, params: dict) -> list[Image.Image]:
         image = self.decode_latents(pipe, latents, params)
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+class TransformerFamily(Family):
+    """A DiT pipeline with one tokenizer and text encoder, the layout of most current families."""
+
+    components: ClassVar[dict[str, tuple[str, ...]]] = {
+        ENCODE: ("tokenizer", "text_encoder"),
+        DENOISE: ("transformer", "scheduler"),
+        DECODE: ("vae",),
+    }
+    cuda_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    denoiser_attr: ClassVar[str] = "transformer"

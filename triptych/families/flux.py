@@ -25,19 +25,16 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import ENCODE, Tensors, TransformerFamily
 
 
-class Flux(Family):
+class Flux(TransformerFamily):
     name = "flux"
     pipelines = ("FluxPipeline",)
     components = {
+        **TransformerFamily.components,
         ENCODE: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
     }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # FluxPipeline fixes its default (1024 px) whatever the transformer config says.

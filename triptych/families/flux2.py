@@ -27,19 +27,12 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import Tensors, TransformerFamily
 
 
-class Flux2(Family):
+class Flux2(TransformerFamily):
     name = "flux2"
     pipelines = ("Flux2Pipeline",)
-    components = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
-    }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # The pipelines fix their default (1024 px) whatever the transformer config says.

@@ -6,18 +6,13 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import Tensors, TransformerFamily
 
 
-class PixArtAlpha(Family):
+class PixArtAlpha(TransformerFamily):
     name = "pixart-alpha"
     pipelines = ("PixArtAlphaPipeline",)
-    components = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
-    }
-    denoiser_attr = "transformer"
+    cuda_dtype = torch.float16
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # (1, 120, 4096) embeddings with a (1, 120) mask at PixArt-alpha's full size; the pipeline

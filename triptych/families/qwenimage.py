@@ -23,22 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import Tensors, TransformerFamily
 
 # Each embedding that may be padded in a batch, and the mask that says which positions are real.
 _MASKS = {"prompt_embeds": "prompt_embeds_mask", "negative_prompt_embeds": "negative_prompt_embeds_mask"}
 
 
-class QwenImage(Family):
+class QwenImage(TransformerFamily):
     name = "qwenimage"
     pipelines = ("QwenImagePipeline",)
-    components = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
-    }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # QwenImagePipeline fixes its default (1024 px) whatever the transformer config says.

@@ -19,19 +19,12 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import Tensors, TransformerFamily
 
 
-class Sana(Family):
+class Sana(TransformerFamily):
     name = "sana"
     pipelines = ("SanaPipeline",)
-    components = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
-    }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # SanaPipeline's defaults are fixed numbers (1024), binned like any other size.

@@ -11,19 +11,16 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import ENCODE, Tensors, TransformerFamily
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(TransformerFamily):
     name = "stable-diffusion-3"
     pipelines = ("StableDiffusion3Pipeline",)
     components = {
+        **TransformerFamily.components,
         ENCODE: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
     }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def size_multiple(self, pipe: Any) -> int:
         # The MMDiT patchifies the latents (2x2), so sides must be whole patches.

@@ -19,19 +19,12 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from triptych.families.base import Tensors, TransformerFamily
 
 
-class ZImage(Family):
+class ZImage(TransformerFamily):
     name = "zimage"
     pipelines = ("ZImagePipeline",)
-    components = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
-    }
-    cuda_dtype = torch.bfloat16
-    denoiser_attr = "transformer"
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 1024, 1024  # ZImagePipeline's `height or 1024`, whatever the checkpoint says
