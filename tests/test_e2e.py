@@ -124,3 +124,44 @@ def test_each_node_holds_only_its_own_weights(cluster, checkpoints):
     assert grown["encoder"] > 0.8 * extra, grown
     assert grown["denoiser"] < 0.1 * extra, grown
     assert grown["decoder"] < 0.1 * extra, grown
+
+
+def _stats(cluster, service: str, model: str) -> dict:
+    with cluster.client() as client:
+        node = next(n for n in client.status().nodes if n["service"] == service and n["model"] == model)
+    return node.get("stats", {})
+
+
+def test_a_repeated_prompt_is_encoded_once(cluster):
+    prompt = "a prompt seen twice"
+    with cluster.client() as client:
+        client.generate(prompt, model="sd-tiny", steps=2, seed=1)
+        before = _stats(cluster, "encoder", "sd-tiny")
+        client.generate(prompt, model="sd-tiny", steps=2, seed=2)
+    after = _stats(cluster, "encoder", "sd-tiny")
+    # The prompt and the shared empty negative prompt both come from the cache.
+    assert after["cache_hits"] - before["cache_hits"] == 2
+    assert after["cache_misses"] == before["cache_misses"]
+
+
+def test_concurrent_compatible_requests_share_denoiser_batches(cluster, checkpoints, reference):
+    import threading
+
+    before = _stats(cluster, "denoiser", "sd-tiny")
+    results: dict[int, list] = {}
+
+    def one(i: int) -> None:
+        with cluster.client() as client:
+            results[i] = client.generate(f"batched {i}", model="sd-tiny", steps=30, seed=100 + i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    after = _stats(cluster, "denoiser", "sd-tiny")
+    assert after["images"] - before["images"] == 6
+    assert after["batches"] - before["batches"] < 6  # some requests ran together
+    for i, (image,) in results.items():  # and batching changed no result
+        expected = reference(checkpoints["sd-tiny"], 100 + i, prompt=f"batched {i}", num_inference_steps=30)
+        assert max_pixel_difference(image.png, expected) <= 1

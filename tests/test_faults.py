@@ -94,3 +94,23 @@ def test_kill_9_mid_request_still_completes(pool, checkpoints, reference, servic
         assert max_pixel_difference(image.png, expected) <= 1
     # Replace the killed node so the next test again has two of each kind.
     pool.start_node(service, checkpoints["sd-tiny"])
+
+
+def test_sigterm_finishes_the_job_in_hand_then_exits(pool, checkpoints, reference):
+    """A node asked to stop mid-denoise completes that job, says goodbye and exits cleanly."""
+    stopped: list[int] = []
+    procs = {p.pid: p for p in pool.processes}
+
+    def on_progress(event: ProgressEvent) -> None:
+        if event.stage == "denoiser" and event.step == 2 and not stopped:
+            pid = node_pid(event.node)
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+
+    with pool.client(timeout=120) as client:
+        (image,) = client.generate(PROMPT, model="sd-tiny", steps=40, seed=8, on_progress=on_progress)
+    expected = reference(checkpoints["sd-tiny"], 8, prompt=PROMPT, num_inference_steps=40)
+    assert max_pixel_difference(image.png, expected) <= 1
+    assert stopped and procs[stopped[0]].wait(timeout=30) == 0
+    KILLED.add(stopped[0])
+    pool.start_node("denoiser", checkpoints["sd-tiny"])
