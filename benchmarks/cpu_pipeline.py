@@ -289,7 +289,23 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
             "denoiser_batches": batches,
             "encoder_cache_hits": after["encoder"].get("cache_hits", 0) - before["encoder"].get("cache_hits", 0),
         }
+    # What batching alone can give here: one UNet step for one request (its CFG pair) against
+    # a full batch, per request, in this process with the cluster gone.
+    result["throughput"]["unet_step_s"] = {
+        "one_request": unet_step(pipe, 1),
+        "per_request_in_full_batch": unet_step(pipe, args.max_batch) / args.max_batch,
+    }
     return result
+
+
+def unet_step(pipe, requests: int) -> float:
+    unet = pipe.unet
+    size = unet.config.sample_size
+    sample = torch.randn(2 * requests, unet.config.in_channels, size, size)  # (2B, 4, h, w): CFG doubles B
+    embeds = torch.randn(2 * requests, 77, unet.config.cross_attention_dim)  # (2B, 77, 768)
+    with torch.inference_mode():
+        unet(sample, 500, encoder_hidden_states=embeds)
+        return median([_seconds(lambda: unet(sample, 500, encoder_hidden_states=embeds)) for _ in range(3)])
 
 
 def _seconds(fn) -> float:
@@ -342,6 +358,12 @@ def report(r: dict) -> None:
     print(
         f"{burst['requests']} requests: triptych {burst['triptych_s']:.1f}s in {burst['denoiser_batches']} denoiser "
         f"batches, {burst['encoder_cache_hits']} encoder cache hits; diffusers loop {burst['diffusers_s']:.1f}s"
+    )
+    step = burst["unet_step_s"]
+    print(
+        f"batching alone: a UNet step costs {step['one_request']:.3f}s for one request, "
+        f"{step['per_request_in_full_batch']:.3f}s per request in a full batch "
+        f"({step['one_request'] / step['per_request_in_full_batch']:.2f}x)"
     )
     print(f"result: one request, triptych / diffusers = {single['ratio']:.3f} (target <= {TARGET_SINGLE})")
     print(f"result: cached prompt saves {cache['saved']:.0%} of the encode stage (target >= {TARGET_CACHE:.0%})")

@@ -4,25 +4,28 @@ For each model, a pipeline of the published architecture is built with random we
 configs are written below; nothing is downloaded) directly on the GPU in its usual dtype, then
 measured three ways in one run:
 
-  (a) triptych's denoiser: a pipeline holding only the stage's components (the family's
-      ``components["denoiser"]``: the UNet/transformer and the scheduler) on the GPU, everything
-      else on the CPU, fed precomputed embeddings, run through the family's own ``denoise`` --
-      the code the denoiser node runs. Peak ``torch.cuda.max_memory_allocated`` and seconds
-      per image (the GPU's time per image: the encoder and decoder nodes run elsewhere, on
-      other requests meanwhile). The floor it is held to: the denoiser's weight bytes plus the
-      activations of one denoiser forward pass, replayed alone on the step's own inputs.
+  (a) triptych's denoiser node: the pipeline written to a checkpoint folder holding only what
+      a denoiser node reads (model_index.json, the family's denoiser components, the VAE's
+      config), loaded by the node's own loader (``load_stage``: the UNet/transformer and the
+      scheduler on the GPU, nothing else) and run through the family's ``denoise`` on
+      precomputed embeddings, as the node runs it. Peak ``torch.cuda.max_memory_allocated``
+      and seconds per image: the GPU's time per image, since the encoder and decoder nodes
+      run elsewhere, on other requests meanwhile. The floor it is held to: the denoiser's
+      weight bytes plus the activations of one forward pass of the denoiser, replayed alone
+      on the inputs of the pipeline's first step.
   (b) diffusers with every component on the GPU: peak memory and seconds per image
       (text encoding, denoising and VAE decoding of one image).
   (c) diffusers with ``enable_model_cpu_offload()``: seconds per image.
 
 Ratios printed, with their targets: (a) peak / (weights + one step's activations) <= 1.15;
-(a) s/image / (b) s/image <= 1.03; (c) s/image / (a) s/image >= 3.
+(a) s/image / (b) s/image <= 1.03; (c) s/image / (a) s/image >= 3. (a) needs a triptych
+family for the pipeline; without one, the output says so and only (b) and (c) are measured.
 
-A model without a triptych family is measured through a stand-in Family subclass written
-here (the base class's batching, embedding casts, seeding and latent output, with that
-pipeline's encode call); the output says so.
+At full size the GPU must hold all of FLUX.1-dev (a 34 GiB peak in (b)); the run takes about
+36 GB of RAM, 24 GB of disk for FLUX's denoiser checkpoint (``--workdir`` puts it elsewhere than
+the temp folder) and about 4 minutes on an H100.
 
-    python benchmarks/gpu_memory.py --json gpu.json                  # all models, CUDA
+    python benchmarks/gpu_memory.py --json meter.json                  # all models, CUDA
     python benchmarks/gpu_memory.py --models pixart,sdxl --steps 20
     python benchmarks/gpu_memory.py --tiny                           # tiny configs; CPU works
 """
@@ -38,7 +41,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +335,7 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-class Gpu:
+class Meter:
     """Synchronised timing and peak-memory readings; on a CPU, timings only."""
 
     def __init__(self, device: str) -> None:
@@ -406,8 +409,7 @@ class Spec:
     dtype: torch.dtype
     steps: int  # default denoising steps here (fewer than some pipelines' defaults, to fit the time)
     size: int  # image side in pixels
-    tiny_size: int
-    notes: list[str] = field(default_factory=list)
+    tiny_size: int  # image side with --tiny
 
 
 SPECS = {
@@ -419,15 +421,15 @@ SPECS = {
 
 def measure(key: str, args: argparse.Namespace, device: str) -> dict:
     spec = SPECS[key]
-    gpu = Gpu(device)
-    dtype = spec.dtype if gpu.cuda else torch.float32  # half precision on a CPU is slow and partial
+    meter = Meter(device)
+    dtype = spec.dtype if meter.cuda else torch.float32  # half precision on a CPU is slow and partial
     steps = args.steps or (2 if args.tiny else spec.steps)
     size = spec.tiny_size if args.tiny else spec.size
     images, warmup = args.images, args.warmup
     result: dict[str, Any] = {"model": spec.name, "dtype": str(dtype).removeprefix("torch."), "steps": steps}
     result["size"] = f"{size}x{size}"
 
-    gpu.reset()
+    meter.reset()
     start = time.perf_counter()
     pipe = spec.build(args.tiny, device, dtype)
     pipe.to(device, dtype)  # buffers some modules create in float32
@@ -435,7 +437,7 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict:
         if isinstance(module, torch.nn.Module):
             module.eval()  # built modules start in training mode (dropout); loaded ones do not
     pipe.set_progress_bar_config(disable=True)
-    gpu.sync()
+    meter.sync()
     result["build_s"] = time.perf_counter() - start
     result["pipeline"] = type(pipe).__name__
     family = family_of(pipe)
@@ -461,14 +463,14 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict:
         def whole(seed: int) -> Any:
             return pipe(PROMPT, **call, generator=torch.Generator("cpu").manual_seed(seed)).images
 
-        result["all_on_gpu_s"], peak = gpu.per_image(whole, images, warmup)
+        result["all_on_gpu_s"], peak = meter.per_image(whole, images, warmup)
         result["all_on_gpu_peak_gib"] = None if peak is None else peak / GiB
 
         # (c) diffusers with model CPU offload (accelerate moves each model to the GPU when it runs)
         result["offload_s"] = result["offload_peak_gib"] = None
-        if gpu.cuda and not args.skip_offload:
+        if meter.cuda and not args.skip_offload:
             pipe.enable_model_cpu_offload()
-            result["offload_s"], peak = gpu.per_image(whole, args.offload_images, warmup)
+            result["offload_s"], peak = meter.per_image(whole, args.offload_images, warmup)
             result["offload_peak_gib"] = peak / GiB
             pipe.remove_all_hooks()
         pipe.to("cpu")
@@ -476,23 +478,23 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict:
         if family is not None:
             folder = save_denoiser_checkpoint(pipe, family, Path(workdir) / key)
             pipe = None
-            result.update(measure_denoiser(gpu, folder, device, dtype, embeds, request, images, warmup))
+            result.update(measure_denoiser(meter, folder, device, dtype, embeds, request, images, warmup))
     pipe = embeds = None
-    gpu.reset()
-    result.update(ratios(result, gpu.cuda))
+    meter.reset()
+    result.update(ratios(result))
     return result
 
 
 def measure_denoiser(
-    gpu: Gpu, folder: Path, device: str, dtype: torch.dtype, embeds: dict, request: dict, images: int, warmup: int
+    meter: Meter, folder: Path, device: str, dtype: torch.dtype, embeds: dict, request: dict, images: int, warmup: int
 ) -> dict[str, Any]:
     """(a): the stage loaded by the denoiser node's own loader, denoising through its family."""
     from triptych.families import DENOISE
     from triptych.families.loading import load_stage
 
     result: dict[str, Any] = {}
-    gpu.reset()
-    result["resident_before_gib"] = gpu.allocated() / GiB if gpu.cuda else None
+    meter.reset()
+    result["resident_before_gib"] = meter.allocated() / GiB if meter.cuda else None
     stage = load_stage(str(folder), DENOISE, device=device, dtype=dtype)
     family, pipe = stage.family, stage.pipe
     denoiser = getattr(pipe, family.denoiser_attr)
@@ -502,22 +504,22 @@ def measure_denoiser(
     def denoise(seed: int) -> Any:
         return family.denoise(pipe, [(embeds, {**request, "seed": seed})], lambda step, total: None)
 
-    result["triptych_s"], peak = gpu.per_image(denoise, images, max(warmup, 1))
+    result["triptych_s"], peak = meter.per_image(denoise, images, max(warmup, 1))
     result["triptych_peak_gib"] = None if peak is None else peak / GiB
 
     # One step: the denoiser's forward pass alone, on the inputs of the pipeline's first step.
     inputs, kwargs = first.inputs(device)
-    gpu.reset()
-    before = gpu.allocated()
+    meter.reset()
+    before = meter.allocated()
     denoiser(*inputs, **kwargs)
-    gpu.sync()
-    if gpu.cuda:
-        result["one_step_activations_gib"] = (gpu.peak() - before) / GiB
+    meter.sync()
+    if meter.cuda:
+        result["one_step_activations_gib"] = (meter.peak() - before) / GiB
         result["floor_gib"] = result["denoiser_weights_gib"] + result["one_step_activations_gib"]
     return result
 
 
-def ratios(r: dict, cuda: bool) -> dict[str, Any]:
+def ratios(r: dict) -> dict[str, Any]:
     values = {"peak_over_floor": None, "triptych_over_all_on_gpu_s": None, "offload_over_triptych_s": None}
     if r.get("triptych_s") is not None:
         values["triptych_over_all_on_gpu_s"] = r["triptych_s"] / r["all_on_gpu_s"]
@@ -603,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             torch.set_num_threads(1)  # miniature models are per-op overhead; a second thread only waits
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights give NaN pixels in fp16
+    warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notices
     info = machine()
     print(f"gpu_memory benchmark | {describe(info)} | device {device}")
     results = {}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script -> (result lines it prints, the words one of them must hold)
 SCRIPTS = {
-    "transport.py": (3, "memcpy / broker"),
+    "transport.py": (3, "memcpy / broker trip"),
     "cpu_pipeline.py": (3, "throughput, triptych / diffusers"),
     "gpu_memory.py": (9, "(a) s/image / (b) s/image"),  # three per model, three models
 }
