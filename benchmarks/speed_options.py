@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed options | {describe(info)}", flush=True)
     results = {key: measure(key.strip(), args, device) for key in args.models.split(",") if key.strip()}
     if args.json:
-        write_json(args.json, {"benchmark": "speed_options", "machine": info, "models": results})
+        write_json(
+            args.json,
+            {"benchmark": "speed_options", "mode": "tiny" if args.tiny else "full", "machine": info, "models": results},
+        )
     return 0
 
 

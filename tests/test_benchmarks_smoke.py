@@ -22,13 +22,22 @@ SCRIPTS = {
     "transport.py": (3, "memcpy / broker trip"),
     "cpu_pipeline.py": (3, "throughput, triptych / diffusers"),
     "gpu_memory.py": (9, "(a) s/image / (b) s/image"),  # three per model, three models
+    "speed_options.py": (2, "the plain denoiser's speed"),
 }
+EXTRA_ARGS = {"speed_options.py": ["--skip-compile"]}  # compiling on a CPU takes minutes
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_runs_in_tiny_mode(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json", str(out)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / script),
+        "--tiny",
+        "--json",
+        str(out),
+        *EXTRA_ARGS.get(script, []),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
