@@ -41,6 +41,9 @@ from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, connect_dea
 logger = logging.getLogger(__name__)
 
 
+_GOODBYE = bytes(messages.to_frames(WorkerGoodbye())[0])
+
+
 class JobCancelled(Exception):
     """Raised from a progress callback when the broker cancelled the running job."""
 
@@ -196,6 +199,8 @@ class Worker:
     def _send(self, msg: messages.Message) -> None:
         assert self._send_to_io is not None
         self._send_to_io.send_multipart(messages.to_frames(msg), copy=False)
+        if isinstance(msg, JobDone | JobFailed):
+            self._active.pop(msg.job_id, None)  # answered: a cancel for it no longer applies
 
     # --- IO thread --------------------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class Worker:
             now = time.monotonic()
             if from_compute in events:
                 frames = from_compute.recv_multipart(copy=False)
-                goodbye = self._forget_answered(frames)
+                goodbye = len(frames) == 1 and frames[0].bytes == _GOODBYE  # always the last message
                 dealer.send_multipart(frames, copy=False)
                 last_sent = now
             if dealer in events:
@@ -241,16 +246,6 @@ class Worker:
         dealer = connect_dealer(self.ctx, self.broker, curve=self.curve)
         dealer.send_multipart(messages.to_frames(self.ready))
         return dealer
-
-    def _forget_answered(self, frames: list[zmq.Frame]) -> bool:
-        """Track which jobs are answered; True when the frames are the goodbye."""
-        try:
-            msg = messages.from_frames(frames)
-        except (CodecError, messages.ProtocolError):
-            return False
-        if isinstance(msg, JobDone | JobFailed):
-            self._active.pop(msg.job_id, None)
-        return isinstance(msg, WorkerGoodbye)
 
     def _on_broker(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> None:
         try:
