@@ -10,11 +10,15 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.messages import DECODER, DENOISER, ENCODER
 from protocol.security import Curve
 from protocol.worker import Handler, Worker
 from triptych.families.speed import SpeedOptions
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +88,8 @@ def curve_from_args(args: argparse.Namespace) -> Curve | None:
     return Curve(secret_file=secret, broker_public_file=broker)
 
 
-def _resolve(service: str, device: str, dtype: str, family_dtype) -> tuple[str, object]:
+def _resolve(service: str, device: str, dtype: str, family_dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """The device and weights dtype a node runs with, from its flags and its family's default."""
     import torch
 
     if device == "auto":
