@@ -54,6 +54,7 @@ class Job:
     request_id: str
     payload: dict
     cancelled: threading.Event
+    batch_key: Hashable | None = None  # computed once, the first time the job is batched
 
 
 ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when all are cancelled
@@ -142,12 +143,12 @@ class Worker:
         return batch
 
     def _key(self, job: Job) -> Hashable:
-        if self.max_batch <= 1:
-            return job.job_id
-        try:
-            return self.batch_key(job)
-        except Exception:  # a malformed job runs alone and fails on its own
-            return job.job_id
+        if job.batch_key is None:
+            try:
+                job.batch_key = job.job_id if self.max_batch <= 1 else self.batch_key(job)
+            except Exception:  # a malformed job runs alone and fails on its own
+                job.batch_key = job.job_id
+        return job.batch_key
 
     def _run_batch(self, batch: list[Job]) -> None:
         live = [job for job in batch if not job.cancelled.is_set()]

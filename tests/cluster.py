@@ -9,8 +9,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from protocol.messages import SERVICES
 from triptych.client import Client, GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +118,20 @@ class ProcessCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def serving(log_dir: Path, models: Iterable[Path], per_kind: int = 1, **broker: Any) -> Iterator[ProcessCluster]:
+    """A broker with ``per_kind`` nodes of each kind for every model, ready inside, stopped after."""
+    models = list(models)
+    procs = ProcessCluster(log_dir)
+    procs.start_broker(**broker)
+    try:
+        for path in models:
+            for service in SERVICES:
+                for _ in range(per_kind):
+                    procs.start_node(service, path)
+        procs.wait_for({(service, Path(path).name): per_kind for path in models for service in SERVICES})
+        yield procs
+    finally:
+        procs.stop()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.cluster import ProcessCluster, free_port
+from tests.cluster import ProcessCluster, free_port, serving
 from triptych.tiny import build_tiny_checkpoint
 
 # Test model name -> (tiny family, text encoder scale). The name is the checkpoint's folder name.
@@ -20,7 +20,6 @@ MODELS = {
     "pixart-tiny": ("pixart-alpha", 1),
     "sd-bigtext": ("sd", 4),  # a text encoder far larger than everything else
 }
-SERVICES = ("encoder", "denoiser", "decoder")
 
 
 @pytest.fixture(scope="session")
@@ -35,16 +34,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def cluster(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     """One broker (with metrics) and an encoder, a denoiser and a decoder for every test model."""
-    procs = ProcessCluster(tmp_path_factory.mktemp("cluster-logs"))
-    procs.start_broker(metrics_port=free_port())
-    try:
-        for path in checkpoints.values():
-            for service in SERVICES:
-                procs.start_node(service, path)
-        procs.wait_for({(service, name): 1 for name in checkpoints for service in SERVICES})
+    with serving(tmp_path_factory.mktemp("cluster-logs"), checkpoints.values(), metrics_port=free_port()) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 _PIPELINES: dict[Path, object] = {}

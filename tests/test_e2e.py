@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from decoder_node.png import read_metadata
-from tests.conftest import SERVICES, max_pixel_difference
+from protocol.messages import SERVICES
+from tests.conftest import max_pixel_difference
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.messages import ProgressEvent
-from tests.cluster import ProcessCluster, node_pid
-from tests.conftest import SERVICES, max_pixel_difference
+from protocol.messages import SERVICES, ProgressEvent
+from tests.cluster import ProcessCluster, node_pid, serving
+from tests.conftest import max_pixel_difference
 
 pytestmark = pytest.mark.e2e
 
@@ -26,16 +26,8 @@ PROMPT = "a lighthouse at dusk"
 @pytest.fixture(scope="module")
 def pool(checkpoints, tmp_path_factory) -> Iterator[ProcessCluster]:
     """Its own broker with two nodes of each kind for the tiny SD model."""
-    procs = ProcessCluster(tmp_path_factory.mktemp("fault-logs"))
-    procs.start_broker()
-    try:
-        for service in SERVICES:
-            for _ in range(2):
-                procs.start_node(service, checkpoints["sd-tiny"])
-        procs.wait_for({(service, "sd-tiny"): 2 for service in SERVICES})
+    with serving(tmp_path_factory.mktemp("fault-logs"), [checkpoints["sd-tiny"]], per_kind=2) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def _pids(procs: ProcessCluster, service: str) -> list[int]:

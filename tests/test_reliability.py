@@ -19,9 +19,8 @@ import torch
 import zmq
 
 from protocol import messages
-from protocol.messages import GenerateRequest, JobDone, WorkerReady
-from tests.cluster import ROOT, ProcessCluster, free_port, node_pid
-from tests.conftest import SERVICES
+from protocol.messages import SERVICES, GenerateRequest, JobDone, WorkerReady
+from tests.cluster import ROOT, ProcessCluster, free_port, node_pid, serving
 from triptych.client import Client, GenerationError
 
 pytestmark = pytest.mark.e2e
@@ -32,15 +31,8 @@ MODEL = "sd-tiny"
 @pytest.fixture(scope="module")
 def rel(checkpoints, tmp_path_factory) -> Iterator[ProcessCluster]:
     """A cluster of our own, so its broker can be killed and restarted on the same address."""
-    procs = ProcessCluster(tmp_path_factory.mktemp("reliability-logs"))
-    procs.start_broker()
-    try:
-        for service in SERVICES:
-            procs.start_node(service, checkpoints[MODEL])
-        procs.wait_for({(service, MODEL): 1 for service in SERVICES})
+    with serving(tmp_path_factory.mktemp("reliability-logs"), [checkpoints[MODEL]]) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def _decoy_request() -> GenerateRequest:

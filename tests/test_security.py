@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from protocol.messages import SERVICES
 from protocol.security import Curve, generate_keys
 from tests.cluster import ROOT, ProcessCluster
-from tests.conftest import SERVICES
 from triptych.client import Client, GenerationError
 
 pytestmark = pytest.mark.e2e

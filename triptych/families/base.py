@@ -8,9 +8,10 @@ components and calls the same methods diffusers would -- so results match diffus
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,12 @@ Tensors = dict[str, torch.Tensor]
 StepFn = Callable[[int, int], None]  # (step, total)
 # (key, compute) -> tensors: a cache keyed by what is encoded; the node adds the model to the key.
 EncodeCache = Callable[[tuple, Callable[[], Tensors]], Tensors]
+
+
+@functools.cache
+def _call_parameters(pipeline_class: type) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a pipeline class's ``__call__``, read once per class (it is asked per request)."""
+    return inspect.signature(pipeline_class.__call__).parameters
 
 
 def _no_cache(key: tuple, compute: Callable[[], Tensors]) -> Tensors:
@@ -48,7 +55,7 @@ class Family:
     @staticmethod
     def call_default(pipe: Any, name: str) -> Any:
         """A default of the pipeline's own ``__call__`` (steps, guidance, sequence length...)."""
-        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+        parameter = _call_parameters(type(pipe)).get(name)
         return None if parameter is None else parameter.default
 
     def guidance(self, pipe: Any, request: dict) -> float:
@@ -202,7 +209,7 @@ class Family:
 
     @staticmethod
     def _progress_kwargs(pipe: Any, steps: int, on_step: StepFn) -> dict[str, Any]:
-        parameters = inspect.signature(type(pipe).__call__).parameters
+        parameters = _call_parameters(type(pipe))
         if "callback_on_step_end" in parameters:
 
             def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
