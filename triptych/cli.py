@@ -123,10 +123,12 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    from protocol.allocator import keep_freed_buffers
     from protocol.broker import Broker
     from protocol.broker_core import BrokerCore
     from protocol.security import Curve, KeyFileError
 
+    keep_freed_buffers()
     stop = threading.Event()
     _on_signals(stop)
     exit_with_parent(stop)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.allocator import keep_freed_buffers
 from protocol.messages import DECODER, DENOISER, ENCODER
 from protocol.security import Curve
 from protocol.worker import Handler, Worker
@@ -105,6 +106,7 @@ def _resolve(service: str, device: str, dtype: str, family_dtype: torch.dtype) -
 
 def serve(service: str, args: argparse.Namespace) -> int:
     """Load the stage and serve until SIGTERM/SIGINT; the job in hand is finished first."""
+    keep_freed_buffers()
     from triptych.families import UnsupportedModel, family_for_pipeline
     from triptych.families.loading import load_stage, model_name, read_model_index
 
