@@ -124,12 +124,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cluster(model: Path, threads: dict[str, int] | None) -> Iterator[tuple[str, dict[str, int]]]:
-    """``triptych up``'s processes (launcher.Cluster); ``threads`` overrides its OMP_NUM_THREADS per node."""
+def cluster(model: Path, threads: dict[str, int] | None, share_cores: bool) -> Iterator[tuple[str, dict[str, int]]]:
+    """The launcher's processes: as ``triptych up`` starts them (``share_cores``), or as ``triptych run``
+    does; ``threads`` overrides OMP_NUM_THREADS per node."""
     from triptych.launcher import Cluster
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    nodes = Cluster(str(model), bind=address, device="cpu", dtype="float32", log_level="WARNING", threads=threads)
+    nodes = Cluster(
+        str(model),
+        bind=address,
+        device="cpu",
+        dtype="float32",
+        log_level="WARNING",
+        threads=threads,
+        share_cores=share_cores,
+    )
     with nodes:
         yield address, nodes.node_threads()
 
@@ -229,12 +238,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         threads = dict(zip(SERVICES, (int(n) for n in args.node_threads.split(",")), strict=True))
     result["diffusers_threads"] = torch.get_num_threads()
 
-    with cluster(model, threads) as (address, node_threads):
-        result["node_threads"] = node_threads or "torch default"
-        # Warm both sides: an image each, and one full batch through triptych's denoiser.
+    # Measures 1 and 2 are one request at a time: the nodes as `triptych run` starts them.
+    with cluster(model, threads, share_cores=False) as (address, node_threads):
+        result["single_node_threads"] = node_threads or "torch default"
+        # Warm both sides: an image each.
         diffusers_call(pipe, "warm up", 0, steps)
         timed_request(address, "warm up", seed=0, steps=steps)
-        concurrent(address, [(f"warm up {i}", i) for i in range(args.max_batch)], steps)
 
         # 1. One request each, alternating; prompts and negative prompts new to the encoder.
         single = {"triptych": [], "diffusers": [], "stages": [], "max_pixel_difference": 0}
@@ -264,6 +273,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         cache["in_process_encode_s"] = median(encode_s)  # diffusers' encode_prompt, prompt + negative
         cache["saved"] = 1 - median(cache["hit_s"]) / median(cache["miss_s"])
         result["cache"] = cache
+
+    # Measure 3 serves many requests at once: the nodes as `triptych up` starts them.
+    with cluster(model, threads, share_cores=True) as (address, node_threads):
+        result["node_threads"] = node_threads or "torch default"
+        timed_request(address, "warm up", seed=0, steps=steps)
+        concurrent(address, [(f"warm up {i}", i) for i in range(args.max_batch)], steps)  # one full batch
 
         # 3. Throughput: 12 requests over 3 prompts, all at once, against a loop of the same 12.
         requests = [(THROUGHPUT_PROMPTS[i % 3], 100 + i) for i in range(args.requests)]
@@ -320,7 +335,10 @@ def report(r: dict) -> None:
     single, cache, burst = r["single"], r["cache"], r["throughput"]
     stages = {key: median([s[key] for s in single["stages"]]) for key in single["stages"][0]}
     print(f"checkpoint parameters (M): {', '.join(f'{k} {v:.1f}' for k, v in r['parameters_m'].items())}")
-    print(f"{r['steps']} steps, 256 px; node threads {r['node_threads']}; diffusers threads {r['diffusers_threads']}")
+    print(
+        f"{r['steps']} steps, 256 px; node threads: measures 1-2 {r['single_node_threads']}, measure 3 "
+        f"{r['node_threads']}; diffusers threads {r['diffusers_threads']}"
+    )
     print(
         table(
             ["measure", "triptych", "diffusers", "ratio", "target", "verdict"],

@@ -29,6 +29,7 @@ def test_plan_applies_only_to_a_cpu_denoiser_without_a_users_setting(monkeypatch
     assert _cluster(monkeypatch, None, device="cpu").node_threads() == cpu_threads(cores)
     assert _cluster(monkeypatch, None, device="cuda").node_threads() == {}  # torch's default
     assert _cluster(monkeypatch, "3", device="cpu").node_threads() == {}  # the user's OMP_NUM_THREADS wins
+    assert _cluster(monkeypatch, None, device="cpu", share_cores=False).node_threads() == {}  # `triptych run`
     explicit = {"encoder": 2, "denoiser": 5, "decoder": 1}
     assert _cluster(monkeypatch, "3", device="cpu", threads=explicit).node_threads() == explicit
 

@@ -246,7 +246,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 args.curve_broker = curve.broker_public
             elif args.curve_broker is not None:
                 raise LaunchError("--curve-broker needs --curve-secret")
-            with Cluster(model, bind=bind, device=args.device, dtype=args.dtype, log_level="WARNING", curve=curve):
+            # One request: its stages never overlap, so each node keeps a thread per core.
+            cluster = Cluster(
+                model,
+                bind=bind,
+                device=args.device,
+                dtype=args.dtype,
+                log_level="WARNING",
+                curve=curve,
+                share_cores=False,
+            )
+            with cluster:
                 args.model = ""
                 return cmd_generate(args, broker=bind)
         except LaunchError as exc:

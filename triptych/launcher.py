@@ -83,8 +83,10 @@ def _denoiser_on_cpu(device: str) -> bool:
 class Cluster:
     """``with Cluster(model, bind=...) as cluster: ...`` -- started and ready inside, stopped after.
 
-    With the denoiser on the CPU, each node's OpenMP threads follow :func:`cpu_threads` unless
-    ``threads`` names them (service -> count) or ``OMP_NUM_THREADS`` is set in the environment.
+    With the denoiser on the CPU, each node's OpenMP threads follow :func:`cpu_threads` (a serving
+    layout: stages overlap) unless ``threads`` names them (service -> count), ``OMP_NUM_THREADS``
+    is set in the environment, or ``share_cores`` is False (one request at a time never overlaps
+    stages, so every node keeps torch's default of a thread per core).
     """
 
     def __init__(
@@ -99,9 +101,11 @@ class Cluster:
         extra_env: dict[str, str] | None = None,
         curve: ClusterCurve | None = None,
         threads: dict[str, int] | None = None,
+        share_cores: bool = True,
     ) -> None:
         self.curve = curve
         self.threads = threads
+        self.share_cores = share_cores
         self.model = model
         self.bind = bind
         self.name = name
@@ -132,7 +136,7 @@ class Cluster:
         """OMP_NUM_THREADS for each node process; empty where torch's own default applies."""
         if self.threads is not None:
             return dict(self.threads)
-        if "OMP_NUM_THREADS" in self.env or not _denoiser_on_cpu(self.device):
+        if not self.share_cores or "OMP_NUM_THREADS" in self.env or not _denoiser_on_cpu(self.device):
             return {}
         return cpu_threads(len(os.sched_getaffinity(0)))
 
