@@ -38,10 +38,11 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import describe, machine, median, now, table, timed, write_json
+from benchlib import describe, machine, median, now, table, timed, verdict, write_json
 
 MODEL = "transport-bench"
 SMALL_BYTES = 4096  # a tensor this small shows the fixed cost of a trip
+TARGET_GB_PER_S = 1.0  # tensor bytes over the time of one node -> broker -> node trip
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -314,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             [[name, legs, r["median_s"] * 1e3, r["min_s"] * 1e3, r["gb_per_s"]] for name, legs, r in rows],
         )
     )
-    print(f"result: through the broker {trip_gbps:.2f} GB/s; memcpy {memcpy['copy']['gb_per_s']:.1f} GB/s")
+    print(
+        f"result: through the broker {trip_gbps:.2f} GB/s (target >= {TARGET_GB_PER_S:g} GB/s: "
+        f"{verdict(trip_gbps >= TARGET_GB_PER_S)}); memcpy {memcpy['copy']['gb_per_s']:.1f} GB/s"
+    )
     print(f"result: memcpy / broker trip = {ratio:.0f}x (informational, no target)")
     print(
         f"result: one whole request, client to client (the tensor rides 4 of its 8 legs): {big['round_trip_s'] * 1e3:.1f} ms"
