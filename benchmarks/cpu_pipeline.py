@@ -15,7 +15,11 @@ image each; triptych also one batch) before anything is timed, and use the same 
   3. Throughput: 12 requests over 3 prompts, submitted at once (one Client per request, in
      threads), against a loop of the same 12 ``pipe(...)`` calls. The denoiser batches
      compatible requests (``--max-batch``, default 4) while the encoder and decoder work on
-     others. Target: triptych >= 1.5x the images per second.
+     others. Target: triptych >= 1.5x the images per second. Also printed: the ceiling, the loop's
+     time over the least work any serving of the 12 must do on these same cores.
+
+Measures 1 and 2 start the nodes as ``triptych run`` does, measure 3 as ``triptych up`` does
+(their CPU threads differ: see ``triptych.launcher.cpu_threads``).
 
     python benchmarks/cpu_pipeline.py                     # about 3 minutes on two cores
     python benchmarks/cpu_pipeline.py --tiny --json out.json
@@ -306,10 +310,9 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     # its denoise (in full batches) and its decode, and each distinct prompt one encode, all on
     # the same cores. Overlap adds no compute here, so the diffusers loop over this is the ceiling.
     decode_s = median([stage["decode_s"] for stage in single["stages"]])
-    least_s = len(requests) * (steps * burst["unet_step_s"]["per_request_in_full_batch"] + decode_s) + len(
-        {prompt for prompt, _ in requests}
-    ) * median(cache["miss_s"])
     burst["distinct_prompts"] = len({prompt for prompt, _ in requests})
+    step_s = burst["unet_step_s"]["per_request_in_full_batch"]
+    least_s = len(requests) * (steps * step_s + decode_s) + burst["distinct_prompts"] * median(cache["miss_s"])
     burst["least_work_s"] = least_s
     burst["ceiling_ratio"] = loop_s / least_s
     return result
