@@ -25,8 +25,8 @@ from triptych.families.loading import LoadedStage, load_stage
 
 
 @cache
-def stage(path: Path, name: str, dtype: torch.dtype = torch.float32) -> LoadedStage:
-    return load_stage(str(path), name, dtype=dtype)
+def stage(path: Path, name: str, dtype: torch.dtype = torch.float32, no_t5: bool = False) -> LoadedStage:
+    return load_stage(str(path), name, dtype=dtype, no_t5=no_t5)
 
 
 @cache
@@ -48,9 +48,12 @@ def request_dict(model: str, **fields) -> dict:
     return dataclasses.asdict(GenerateRequest(request_id="r", model=model, **fields))
 
 
-def split_run(path: Path, request: dict, encoder_dtype: torch.dtype = torch.float32) -> list[Image.Image]:
+def split_run(
+    path: Path, request: dict, encoder_dtype: torch.dtype = torch.float32, no_t5: bool = False
+) -> list[Image.Image]:
     """encoder -> wire -> denoiser -> wire -> decoder, one decode job per image, PNG round trip."""
-    encoder, denoiser, decoder = stage(path, ENCODE, encoder_dtype), stage(path, DENOISE), stage(path, DECODE)
+    encoder = stage(path, ENCODE, encoder_dtype, no_t5)
+    denoiser, decoder = stage(path, DENOISE), stage(path, DECODE)
     with torch.inference_mode():
         embeds = wire(encoder.family.encode(encoder.pipe, request))
         [(latents, params)] = denoiser.family.denoise(denoiser.pipe, [(embeds, request)], lambda step, total: None)

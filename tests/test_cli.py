@@ -40,3 +40,15 @@ def test_unsupported_model_fails_at_node_start(tmp_path):
     )
     assert result.returncode != 0
     assert "KandinskyPipeline" in result.stderr and "stable-diffusion" in result.stderr
+
+
+def test_no_t5_fails_at_node_start_for_a_family_that_needs_t5(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "text_encoder_2": ["x", "y"]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "encoder_node", "--model", str(tmp_path), "--no-t5"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "--no-t5: flux cannot run without its T5 encoder" in result.stderr

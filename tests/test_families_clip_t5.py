@@ -155,3 +155,54 @@ def test_flux_batches_apart_with_and_without_negative(family_checkpoint):  # noq
     embeds = {"prompt_embeds": torch.zeros(1, 512, 32), "pooled_prompt_embeds": torch.zeros(1, 32)}
     family, pipe = denoiser.family, denoiser.pipe
     assert family.batch_key(pipe, embeds, plain) != family.batch_key(pipe, embeds, negative)
+
+
+def test_sd3_without_t5_equals_diffusers_without_t5(family_checkpoint):  # noqa: F811
+    from diffusers import StableDiffusion3Pipeline
+
+    path = family_checkpoint("sd3")
+    options = CASES["sd3"][1]
+    request = request_dict(path.name, prompt=PROMPT, steps=3, seed=4, **options)
+    images = split_run(path, request, no_t5=True)
+    assert stage(path, ENCODE, torch.float32, True).pipe.text_encoder_3 is None
+    reference = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = _reference_kwargs("sd3", options, steps=3)
+    expected = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    assert max_difference(images[0], expected) <= 1
+    with_t5 = reference_run(path, 4, **kwargs)
+    assert max_difference(with_t5, expected) > 1  # leaving T5 out does change the image
+
+
+def test_sd3_checkpoint_saved_without_t5(family_checkpoint, tmp_path):  # noqa: F811
+    """A folder whose model_index.json has no T5 needs no flag: its T5 tokens are zeros too."""
+    import json
+
+    path = family_checkpoint("sd3")
+    folder = tmp_path / "sd3-no-t5"
+    folder.mkdir()
+    for entry in path.iterdir():
+        if entry.name not in ("model_index.json", "text_encoder_3", "tokenizer_3"):
+            (folder / entry.name).symlink_to(entry)
+    index = json.loads((path / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    request = request_dict(folder.name, prompt=PROMPT, negative_prompt="blurry", guidance=5.0)
+    saved = stage(folder, ENCODE)
+    flagged = stage(path, ENCODE, torch.float32, True)
+    embeds = saved.family.encode(saved.pipe, request)
+    expected = flagged.family.encode(flagged.pipe, request)
+    assert embeds.keys() == expected.keys()
+    for name in embeds:
+        assert torch.equal(embeds[name], expected[name]), name
+    assert embeds["prompt_embeds"][:, 77:].abs().max() == 0  # T5's 256 tokens
+
+
+def test_no_t5_is_refused_where_t5_is_needed(family_checkpoint):  # noqa: F811
+    from triptych.families.loading import load_stage
+
+    with pytest.raises(ValueError, match="flux encoder cannot leave out a T5 encoder"):
+        load_stage(str(family_checkpoint("flux")), ENCODE, no_t5=True)
+    with pytest.raises(ValueError, match="stable-diffusion-3 denoiser cannot leave out"):
+        load_stage(str(family_checkpoint("sd3")), DENOISE, no_t5=True)

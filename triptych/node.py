@@ -46,6 +46,9 @@ def add_node_arguments(parser: argparse.ArgumentParser, service: str) -> None:
         parser.add_argument(
             "--cache-mb", type=int, default=1024, help="memory for cached prompt embeddings (default 1024 MB)"
         )
+        parser.add_argument(
+            "--no-t5", action="store_true", help="SD3 only: leave T5 out, its tokens become zeros (saves ~9.5 GB)"
+        )
     if service == DENOISER:
         parser.add_argument(
             "--max-batch", type=int, default=4, help="compatible requests denoised together, at most (default 4)"
@@ -115,6 +118,10 @@ def serve(service: str, args: argparse.Namespace) -> int:
     except (UnsupportedModel, OSError, ValueError) as exc:
         print(f"triptych {service}: {exc}", file=sys.stderr)
         return 2
+    no_t5 = getattr(args, "no_t5", False)
+    if no_t5 and not family.optional_t5:
+        print(f"triptych {service}: --no-t5: {family.name} cannot run without its T5 encoder", file=sys.stderr)
+        return 2
     device, dtype = _resolve(service, args.device, args.dtype, family.cuda_dtype)
     speed = SpeedOptions(
         compile=getattr(args, "compile", None),
@@ -126,9 +133,11 @@ def serve(service: str, args: argparse.Namespace) -> int:
         vae_slicing=getattr(args, "vae_slicing", False),
         tiny_vae=getattr(args, "tiny_vae", None),
     )
-    stage = load_stage(args.model, service, device=device, dtype=dtype, speed=speed)
+    stage = load_stage(args.model, service, device=device, dtype=dtype, speed=speed, no_t5=no_t5)
     name = args.name or model_name(args.model)
     info = {"family": family.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
+    if no_t5:
+        info["t5"] = "left out"
     batching: dict = {}
     if service == ENCODER:
         from encoder_node.handler import EncoderHandler

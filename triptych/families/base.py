@@ -49,6 +49,8 @@ class Family:
     }
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the denoiser's dtype on a GPU unless told
     denoiser_attr: ClassVar[str] = "unet"
+    # Encoder components the pipeline can do without (its T5), left out by the encoder's --no-t5.
+    optional_t5: ClassVar[tuple[str, ...]] = ()
 
     # --- defaults ---------------------------------------------------------------------------
 
@@ -95,6 +97,9 @@ class Family:
         pipe.vae_scale_factor = scale
 
     # --- stage 1: encode --------------------------------------------------------------------
+
+    def prepare_encoder(self, pipe: Any, model: str) -> None:
+        """Called once the encoder's components are loaded; for what ``encode_prompt`` reads elsewhere."""
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         """One text as a positive prompt -> the tensors the pipeline takes instead (batch of one)."""

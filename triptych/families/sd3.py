@@ -7,6 +7,7 @@ side by side. The VAE's latents are shifted as well as scaled.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,6 +22,17 @@ class StableDiffusion3(TransformerFamily):
         **TransformerFamily.components,
         ENCODE: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
     }
+    optional_t5 = ("text_encoder_3", "tokenizer_3")
+
+    def prepare_encoder(self, pipe: Any, model: str) -> None:
+        if pipe.text_encoder_3 is not None:
+            return
+        # Without T5 the pipeline fills T5's tokens with zeros as wide as the transformer's joint
+        # attention, which it reads from the transformer: the encoder has only its config.
+        import diffusers
+
+        config = diffusers.SD3Transformer2DModel.load_config(model, subfolder="transformer")
+        pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=config["joint_attention_dim"]))
 
     def size_multiple(self, pipe: Any) -> int:
         # The MMDiT patchifies the latents (2x2), so sides must be whole patches.
