@@ -8,7 +8,18 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 # PNG text keys, in the order they are written.
-METADATA_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "model")
+METADATA_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "pipeline_guidance",  # the pipeline arguments --guidance set (a family may map it elsewhere)
+    "width",
+    "height",
+    "model",
+    "family",
+)
 
 
 def encode_png(image: Image.Image, params: dict) -> bytes:

@@ -44,6 +44,7 @@ def test_cli_png_matches_diffusers(cluster, checkpoints, reference, tmp_path, mo
     assert meta["prompt"] == PROMPT and meta["negative_prompt"] == NEGATIVE
     assert (meta["seed"], meta["steps"], meta["guidance"]) == ("1234", "5", "6.5")
     assert (meta["height"], meta["width"], meta["model"]) == (str(height), str(width), model)
+    assert meta["pipeline_guidance"] == "guidance_scale=6.5"
 
 
 @pytest.mark.parametrize("model", ["sd-tiny", "pixart-tiny"])

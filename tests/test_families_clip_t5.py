@@ -67,6 +67,9 @@ def test_flux_guidance_mapping(family_checkpoint):  # noqa: F811
     assert not family.uses_negative(pipe, plain)
     assert family.uses_negative(pipe, negative)  # an empty negative prompt still turns real CFG on
     assert not family.uses_negative(pipe, {**negative, "guidance": 1.0})
+    # The PNG says what --guidance became.
+    assert family.resolve_params(pipe, negative)["pipeline_guidance"] == "true_cfg_scale=4.0, guidance_scale=3.5"
+    assert family.resolve_params(pipe, plain)["pipeline_guidance"] == "guidance_scale=2.0"
 
 
 @pytest.mark.parametrize(

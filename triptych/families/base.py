@@ -148,13 +148,17 @@ class Family:
         """The generation parameters as the pipeline will use them, for the decoder and the PNG."""
         height, width = self.default_size(pipe)
         steps = request.get("steps")
+        guidance = self.guidance(pipe, request)
+        mapped = self.guidance_kwargs(pipe, request, guidance)
         return {
             "model": request["model"],
             "prompt": request["prompt"],
             "negative_prompt": request.get("negative_prompt") or "",
             "seed": request["seed"],
             "steps": int(self.call_default(pipe, "num_inference_steps") if steps is None else steps),
-            "guidance": self.guidance(pipe, request),
+            "guidance": guidance,
+            # What --guidance became in the pipeline's own terms, e.g. "true_cfg_scale=4.0, guidance_scale=3.5".
+            "pipeline_guidance": ", ".join(f"{k}={v}" for k, v in mapped.items() if v is not None),
             "height": request.get("height") or height,
             "width": request.get("width") or width,
             "family": self.name,
