@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -26,7 +27,15 @@ from tests.cluster import ROOT, free_port
 from tests.conftest import max_pixel_difference
 from tests.test_metrics import metric, scrape
 from triptych.client import GeneratedImage, GenerationCancelled, GenerationError
-from triptych.http import MAX_BODY_BYTES, ApiError, ImageStore, create_app, error_from_broker, parse_generation
+from triptych.http import (
+    MAX_BODY_BYTES,
+    ApiError,
+    ImageStore,
+    create_app,
+    error_from_broker,
+    parse_generation,
+    read_api_keys,
+)
 
 PROMPT = "a red fox in the snow, photo"
 NEGATIVE = "blurry, low quality"
@@ -122,13 +131,12 @@ class FakeClient:
         pass
 
 
-@pytest.fixture(scope="module")
-def fake_gateway() -> Iterator[str]:
-    """The app in this process, on uvicorn, with FakeClient for a broker."""
+@contextlib.contextmanager
+def in_process(app) -> Iterator[str]:
+    """``app`` on uvicorn in this process; yields its base URL."""
     import uvicorn
 
     port = free_port()
-    app = create_app("tcp://unused:1", client_factory=FakeClient)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -136,14 +144,23 @@ def fake_gateway() -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
-def post(url: str, body: object) -> tuple[int, dict]:
+@pytest.fixture(scope="module")
+def fake_gateway() -> Iterator[str]:
+    """The app with FakeClient for a broker."""
+    with in_process(create_app("tcp://unused:1", client_factory=FakeClient)) as url:
+        yield url
+
+
+def post(url: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -183,6 +200,46 @@ def test_malformed_bodies_and_unknown_paths_get_openai_errors(fake_gateway):
     assert status == 413
     status, body = post(f"{fake_gateway}/v1/nothing", {})
     assert status == 404 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_api_keys_guard_every_route_but_the_image_files(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\n\nsk-first\n  sk-second  \n")
+    assert read_api_keys(keys) == ["sk-first", "sk-second"]
+    app = create_app("tcp://unused:1", client_factory=FakeClient, api_keys=read_api_keys(keys))
+    body = {"prompt": "p", "response_format": "url"}
+    with in_process(app) as url:
+        status, answer = post(f"{url}/v1/images/generations", body)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert "Authorization: Bearer" in answer["error"]["message"]
+        status, answer = post(f"{url}/v1/images/generations", body, {"Authorization": "Bearer sk-wrong"})
+        assert (status, answer["error"]["message"]) == (401, "incorrect API key")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=10)
+        assert refused.value.code == 401
+
+        status, answer = post(f"{url}/v1/images/generations", body, {"Authorization": "Bearer sk-second"})
+        assert status == 200
+        with urllib.request.urlopen(answer["data"][0]["url"], timeout=10) as response:  # no key: the URL is the key
+            assert response.read() == b"m:0"
+        models = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": "bearer sk-first"})
+        with urllib.request.urlopen(models, timeout=10) as response:
+            assert [card["id"] for card in json.loads(response.read())["data"]] == ["m"]
+
+
+def test_an_api_key_file_without_keys_is_refused(tmp_path):
+    empty = tmp_path / "keys"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ValueError, match="holds no API key"):
+        read_api_keys(empty)
+    result = subprocess.run(
+        [sys.executable, "-m", "triptych", "http", "--api-keys", str(empty)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "holds no API key" in result.stderr
 
 
 # --- through a gateway process --------------------------------------------------------------

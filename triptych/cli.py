@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     http.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
+    http.add_argument(
+        "--api-keys", metavar="FILE", help="require one of the keys in FILE (one per line) as a Bearer token"
+    )
     add_curve_client_arguments(http)
     _add_log_level(http)
 

@@ -5,7 +5,8 @@
 ``POST /v1/images/generations`` takes OpenAI's fields (``model``, ``prompt``, ``n``, ``size``,
 ``response_format``) and triptych's own (``seed``, ``negative_prompt``, ``num_inference_steps``,
 ``guidance_scale``) in the same JSON body; ``GET /v1/models`` lists the models the broker serves.
-Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. With
+``--api-keys FILE``, requests must carry one of the file's keys as ``Authorization: Bearer <key>``.
 
 Every request runs one blocking :class:`~triptych.client.Client` call on a worker thread, with a
 client (one zmq socket) of its own taken from a small pool: zmq sockets are not thread-safe. When
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -26,13 +28,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -476,6 +480,47 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return ApiError(500, "internal error in the gateway", code="internal_error").response()
 
 
+# --- API keys -------------------------------------------------------------------------------
+
+
+def read_api_keys(path: str | Path) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped. Raises ValueError if none."""
+    lines = Path(path).read_text().splitlines()
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path} holds no API key")
+    return keys
+
+
+class RequireApiKey:
+    """ASGI middleware: every /v1 route but the image files wants ``Authorization: Bearer <key>``.
+
+    Image URLs stay open, as OpenAI's do: their ids are unguessable and expire, so a URL can be
+    handed to a browser. Keys are compared in constant time.
+    """
+
+    def __init__(self, app: Any, keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/v1/files/"):
+            error = self._refusal(dict(scope["headers"]).get(b"authorization", b""))
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, header: bytes) -> ApiError | None:
+        scheme, _, key = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not key.strip():
+            message = "no API key: send it as 'Authorization: Bearer <key>'"
+            return ApiError(401, message, code="invalid_api_key", kind="invalid_request_error")
+        if not any(hmac.compare_digest(key.strip(), known) for known in self.keys):
+            return ApiError(401, "incorrect API key", code="invalid_api_key", kind="invalid_request_error")
+        return None
+
+
 def create_app(
     broker: str,
     *,
@@ -483,9 +528,11 @@ def create_app(
     client_factory: Callable[[], Client] | None = None,
     max_in_flight: int = MAX_IN_FLIGHT,
     store: ImageStore | None = None,
+    api_keys: Sequence[str] | None = None,
 ) -> Starlette:
     """The gateway app. Broker connections come from ``client_factory`` (default: a plain
-    ``Client(broker, timeout=timeout)``), so keys and other options stay the caller's business."""
+    ``Client(broker, timeout=timeout)``), so CURVE keys and other options stay the caller's business.
+    With ``api_keys``, requests must carry one of them (see :class:`RequireApiKey`)."""
     factory = client_factory or (lambda: Client(broker, timeout=timeout))
     gateway = Gateway(ClientPool(factory), store=store, max_in_flight=max_in_flight)
     routes = [
@@ -495,7 +542,8 @@ def create_app(
         Route("/v1/files/{file_id}.png", gateway.get_file, methods=["GET"], name="file"),
     ]
     handlers = {ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=gateway.lifespan)
+    middleware = [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=gateway.lifespan, middleware=middleware)
     app.state.gateway = gateway
     return app
 
@@ -507,8 +555,22 @@ def serve(args: argparse.Namespace) -> int:
     from triptych.node import curve_from_args
 
     curve = curve_from_args(args)
-    app = create_app(args.broker, client_factory=lambda: Client(args.broker, timeout=args.timeout, curve=curve))
-    print(f"triptych http: http://{args.host}:{args.port}/v1 -> broker {args.broker}", file=sys.stderr, flush=True)
+    keys = None
+    if args.api_keys is not None:
+        try:
+            keys = read_api_keys(args.api_keys)
+        except (OSError, ValueError) as exc:
+            print(f"triptych http: --api-keys: {exc}", file=sys.stderr)
+            return 2
+    app = create_app(
+        args.broker, client_factory=lambda: Client(args.broker, timeout=args.timeout, curve=curve), api_keys=keys
+    )
+    guarded = f", {len(keys)} API key(s)" if keys else ", no API key needed"
+    print(
+        f"triptych http: http://{args.host}:{args.port}/v1 -> broker {args.broker}{guarded}",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(
         app,
         host=args.host,
