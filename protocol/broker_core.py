@@ -5,8 +5,8 @@ A request runs as a chain of jobs: one ``encoder`` job (prompt -> embeddings), o
 image (latents -> PNG). Each job stays here, with its input, until its result arrives; when
 the node holding it dies the job goes back to the front of its queue for another node.
 
-Jobs are queued per (service, model) and handed to the least-loaded live node of that kind
-(least recently used among equals). Results are accepted once per job, so a client receives
+Jobs are queued per (service, model), clients taking turns (:class:`FairQueue`), and handed to the
+least-loaded live node of that kind (least recently used among equals). Results are accepted once per job, so a client receives
 exactly one image per index however often a job was re-dispatched.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from protocol.fair_queue import FairQueue
 from protocol.messages import (
     DECODER,
     DENOISER,
@@ -103,7 +103,7 @@ class BrokerCore:
         self.workers: dict[bytes, WorkerState] = {}
         self.requests: dict[str, RequestState] = {}
         self.jobs: dict[str, Job] = {}
-        self.queues: dict[tuple[str, str], deque[str]] = {}
+        self.queues: dict[tuple[str, str], FairQueue] = {}
         self.unrouted: list[str] = []  # requests naming no model, waiting for a node to say which
         self.outbox: list[Outgoing] = []
         self.metrics = metrics or BrokerMetrics()  # told what happens; no-op unless metrics are on
@@ -240,12 +240,12 @@ class BrokerCore:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def _enqueue(self, request_id: str, service: str, payload: dict, front: bool = False) -> str:
-        model = self.requests[request_id].request.model
+    def _enqueue(self, request_id: str, service: str, payload: dict) -> str:
+        req = self.requests[request_id]
+        model = req.request.model
         job = Job(job_id=uuid.uuid4().hex, request_id=request_id, service=service, model=model, payload=payload)
         self.jobs[job.job_id] = job
-        queue = self.queues.setdefault((service, model), deque())
-        queue.appendleft(job.job_id) if front else queue.append(job.job_id)
+        self.queues.setdefault((service, model), FairQueue()).append(job.job_id, req.client)
         return job.job_id
 
     def _workers_for(self, service: str, model: str) -> list[WorkerState]:

@@ -644,3 +644,20 @@ def test_a_malformed_registration_is_ignored(ready):
     sim = Sim()
     assert sim.send(b"n", ready) == []
     assert sim.core.workers == {}
+
+
+def test_clients_take_turns_for_a_busy_node():
+    """A client with many requests queued does not hold back another client's first one."""
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    first = only(sim.send(b"greedy", request("g0")), JobAssign, ENC)
+    for i in range(1, 6):
+        assert not sent(sim.send(b"greedy", request(f"g{i}")), JobAssign)  # the one node is busy
+    assert not sent(sim.send(b"polite", request("p0")), JobAssign)
+    order = []
+    job = first
+    for _ in range(6):
+        out = sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS}))
+        job = only(out, JobAssign, ENC)
+        order.append(job.request_id)
+    assert order == ["g1", "p0", "g2", "g3", "g4", "g5"]
