@@ -106,3 +106,45 @@ def test_unknown_key_cannot_register_as_a_node(secure, keys, checkpoints):
     finally:
         intruder.terminate()
         intruder.wait(timeout=15)
+
+
+def test_up_with_curve_serves_authorized_clients_only(checkpoints, keys, tmp_path):
+    """`triptych up` with the broker's keys: outside clients need an authorized key, its own nodes get one."""
+    import os
+    import signal
+
+    from tests.cluster import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "triptych", "up", "--model", str(checkpoints[MODEL]), "--bind", address]
+    command += ["--curve-secret", str(keys / "broker.key_secret"), "--curve-authorized", str(keys / "authorized")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = up.stdout.readline()
+        assert "ready" in line, up.stderr.read() if up.poll() is not None else line
+
+        def generate(secret: str, timeout: str) -> subprocess.CompletedProcess:
+            flags = ["--curve-secret", str(keys / secret), "--curve-broker", str(keys / "broker.key")]
+            command = [sys.executable, "-m", "triptych", "generate", "a key", "--steps", "2", "--seed", "1"]
+            command += ["--broker", address, "--timeout", timeout, "--out", str(tmp_path), *flags]
+            return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+        served = generate("alice.key_secret", "60")
+        assert served.returncode == 0, served.stderr
+        assert Path(served.stdout.strip()).read_bytes().startswith(b"\x89PNG")
+        refused = generate("mallory.key_secret", "4")
+        assert refused.returncode != 0 and "authentication failed" in refused.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=30)
+    assert up.returncode == 0
+
+
+def test_up_curve_flags_come_in_pairs(keys):
+    command = [sys.executable, "-m", "triptych", "up", "--model", "unused", "--curve-secret", str(keys / "broker.key")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "both --curve-secret and --curve-authorized" in result.stderr
+    command += ["--curve-authorized", str(keys / "authorized")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1 and "holds no secret key" in result.stderr

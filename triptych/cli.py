@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.messages import DECODER, DENOISER, ENCODER, ProgressEvent
 from triptych.client import DEFAULT_BROKER, Client, GeneratedImage, GenerationError
@@ -27,6 +27,9 @@ from triptych.node import (
     exit_with_parent,
     serve,
 )
+
+if TYPE_CHECKING:
+    from triptych.launcher import ClusterCurve
 
 logger = logging.getLogger("triptych")
 
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
     up.add_argument("--name", help="name the model is served under")
     up.add_argument("--bind", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    up.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
+    up.add_argument("--curve-authorized", type=Path, help="folder of the public keys (*.key) of outside clients")
     _add_device_options(up)
     _add_log_level(up)
 
@@ -176,23 +181,43 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from triptych.launcher import Cluster, LaunchError
+    from triptych.launcher import ClusterCurve, LaunchError
 
     stop = threading.Event()
     _on_signals(stop)
+    if (args.curve_secret is None) != (args.curve_authorized is None):
+        print("triptych up: CURVE needs both --curve-secret and --curve-authorized", file=sys.stderr)
+        return 2
     try:
-        with Cluster(
-            args.model, bind=args.bind, name=args.name, device=args.device, dtype=args.dtype, log_level=args.log_level
-        ) as cluster:
-            print(f"triptych ready: broker {args.bind}, model {args.name or args.model}", flush=True)
-            while not stop.wait(0.5):
-                for key, process in cluster.processes.items():
-                    if process.poll() is not None:
-                        print(f"triptych up: the {key} process exited ({process.returncode})", file=sys.stderr)
-                        return 1
+        with tempfile.TemporaryDirectory(prefix="triptych-up-") as folder:
+            curve = None
+            if args.curve_secret is not None:
+                curve = ClusterCurve.with_broker_keys(Path(folder), args.curve_secret, args.curve_authorized)
+            return _serve_cluster(args, curve, stop)
     except LaunchError as exc:
         print(f"triptych up: {exc}", file=sys.stderr)
         return 1
+
+
+def _serve_cluster(args: argparse.Namespace, curve: ClusterCurve | None, stop: threading.Event) -> int:
+    from triptych.launcher import Cluster
+
+    cluster = Cluster(
+        args.model,
+        bind=args.bind,
+        name=args.name,
+        device=args.device,
+        dtype=args.dtype,
+        log_level=args.log_level,
+        curve=curve,
+    )
+    with cluster:
+        print(f"triptych ready: broker {args.bind}, model {args.name or args.model}", flush=True)
+        while not stop.wait(0.5):
+            for key, process in cluster.processes.items():
+                if process.poll() is not None:
+                    print(f"triptych up: the {key} process exited ({process.returncode})", file=sys.stderr)
+                    return 1
     return 0
 
 

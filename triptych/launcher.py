@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +52,33 @@ class ClusterCurve:
             raise LaunchError(f"cannot read {member_secret}: {exc}") from exc
         authorized = folder / "authorized"
         authorized.mkdir(parents=True, exist_ok=True)
-        (authorized / "member.key").write_text(f'curve\n    public-key = "{member_public.decode()}"\n')
+        _write_public_key(authorized / "member.key", member_public)
         return cls(broker_secret, broker_public, authorized, member_secret)
+
+    @classmethod
+    def with_broker_keys(cls, folder: Path, broker_secret: Path, authorized_dir: Path) -> ClusterCurve:
+        """The broker's own key pair and authorized folder (``triptych up``): its nodes get a throwaway
+        key, admitted in ``folder`` beside a copy of the keys already authorized."""
+        import zmq.auth
+
+        from protocol.security import generate_keys
+
+        try:
+            broker_public, secret = zmq.auth.load_certificate(broker_secret)
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"cannot read {broker_secret}: {exc}") from exc
+        if not secret:
+            raise LaunchError(f"{broker_secret} holds no secret key (pass the broker's .key_secret file)")
+        if not authorized_dir.is_dir():
+            raise LaunchError(f"--curve-authorized must be a folder of public keys (got {authorized_dir})")
+        public_file = folder / "broker.key"
+        _write_public_key(public_file, broker_public)
+        member_public, member_secret = generate_keys(folder / "member", "member")
+        authorized = folder / "authorized"
+        authorized.mkdir(parents=True, exist_ok=True)
+        for key in [*authorized_dir.glob("*.key"), member_public]:
+            shutil.copy(key, authorized / f"{key.parent.name}-{key.name}")
+        return cls(broker_secret, public_file, authorized, member_secret)
 
     def client(self):
         from protocol.security import Curve
@@ -78,6 +104,11 @@ def _denoiser_on_cpu(device: str) -> bool:
 
         return not torch.cuda.is_available()
     return device == "cpu"
+
+
+def _write_public_key(path: Path, public: bytes) -> None:
+    """A public key file in zmq.auth's format."""
+    path.write_text(f'curve\n    public-key = "{public.decode()}"\n')
 
 
 class Cluster:
