@@ -207,7 +207,10 @@ class BrokerCore:
 
     @staticmethod
     def _request_fields(req: GenerateRequest) -> dict:
-        return dataclasses.asdict(req)
+        """What the nodes get of a request: all but whom it is for."""
+        fields = dataclasses.asdict(req)
+        del fields["user"]
+        return fields
 
     def _fail(self, request_id: str, error: str, retryable: bool = False, outcome: str = "failed") -> None:
         req = self.requests.pop(request_id, None)
@@ -245,7 +248,10 @@ class BrokerCore:
         model = req.request.model
         job = Job(job_id=uuid.uuid4().hex, request_id=request_id, service=service, model=model, payload=payload)
         self.jobs[job.job_id] = job
-        self.queues.setdefault((service, model), FairQueue()).append(job.job_id, req.client)
+        # Turns go to whom the work is for: the user a request names (however many connections a
+        # gateway spreads it over), else the client's connection.
+        line = ("user", req.request.user) if req.request.user else ("client", req.client)
+        self.queues.setdefault((service, model), FairQueue()).append(job.job_id, line)
         return job.job_id
 
     def _workers_for(self, service: str, model: str) -> list[WorkerState]:

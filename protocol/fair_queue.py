@@ -2,24 +2,25 @@
 
 One queue per (service, model) holds the jobs waiting for a node. A plain FIFO lets a client that
 submits a thousand requests hold back everyone else's first image behind all of them; here each
-client's jobs wait in their own line, in order, and the lines are served in turn. A job whose
+client's jobs wait in their own line, in order, and the lines are served in turn. A "client" is
+any hashable key (the broker uses the client's connection and the user it names). A job whose
 node died goes to the very front: it has waited its turn once already.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 
 class FairQueue:
     def __init__(self) -> None:
         self._requeued: deque[str] = deque()  # jobs back from a dead node: served first
-        self._lines: dict[bytes, deque[str]] = {}  # client -> its jobs; dict order is the turn order
-        self._client_of: dict[str, bytes] = {}
+        self._lines: dict[Hashable, deque[str]] = {}  # client -> its jobs; dict order is the turn order
+        self._client_of: dict[str, Hashable] = {}
         self._size = 0
 
-    def append(self, job_id: str, client: bytes) -> None:
+    def append(self, job_id: str, client: Hashable) -> None:
         """Queue a new job at the back of its client's line."""
         self._lines.setdefault(client, deque()).append(job_id)
         self._client_of[job_id] = client

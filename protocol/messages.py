@@ -58,6 +58,7 @@ class GenerateRequest(Message):
     seed: int
     num_images: int = 1
     timeout: float = 300.0  # seconds the request may wait and run before it fails
+    user: str = ""  # whom it is for: queued work takes turns per user ("" = per client connection)
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,8 @@ def request_error(req: GenerateRequest) -> str | None:
         return "request_id must be 1 to 128 characters"
     if len(req.model) > 256:
         return "model name must be at most 256 characters"
+    if len(req.user) > 256:
+        return "user must be at most 256 characters"
     if len(req.prompt) > MAX_PROMPT_CHARS:
         return f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(req.prompt)})"
     if req.negative_prompt is not None and len(req.negative_prompt) > MAX_PROMPT_CHARS:

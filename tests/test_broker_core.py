@@ -661,3 +661,20 @@ def test_clients_take_turns_for_a_busy_node():
         job = only(out, JobAssign, ENC)
         order.append(job.request_id)
     assert order == ["g1", "p0", "g2", "g3", "g4", "g5"]
+
+
+def test_turns_go_per_named_user_across_connections():
+    """A gateway spreads a user's requests over its pooled connections: they still share one turn."""
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    first = only(sim.send(b"conn1", request("a0", user="alice")), JobAssign, ENC)
+    for i, conn in enumerate((b"conn2", b"conn3", b"conn1"), start=1):
+        sim.send(conn, request(f"a{i}", user="alice"))
+    sim.send(b"conn2", request("b0", user="bob"))
+    sim.send(b"conn2", request("c0"))  # no user: its connection takes turns
+    order, job = [], first
+    for _ in range(5):
+        job = only(sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS})), JobAssign, ENC)
+        order.append(job.request_id)
+    assert order == ["a1", "b0", "c0", "a2", "a3"]
+    assert "user" not in job.payload["request"]  # nodes are not told whom a request is for

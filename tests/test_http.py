@@ -80,6 +80,8 @@ def test_fields_map_onto_a_request():
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": "high"}, "guidance_scale"),
         ({"negative_prompt": ["a"]}, "negative_prompt"),
+        ({"user": 7}, "user"),
+        ({"user": "u" * 257}, "user"),
         ({"model": 3}, "model"),
         ({"prompt": "x" * 10_001}, "prompt"),  # the broker's own bound, named here too
     ],
@@ -118,11 +120,13 @@ class FakeClient:
     """Stands in for a broker connection: serves model "m"; ``outcome`` decides what generate does."""
 
     outcome: GenerationError | None = None
+    users: list[str] = []  # the user each generate call named
 
     def status(self, timeout: float = 5.0) -> StatusReply:
         return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1"}])
 
     def generate(self, prompt: str, *, model: str, num_images: int, seed: int | None, **options) -> list:
+        FakeClient.users.append(options.get("user", ""))
         if FakeClient.outcome is not None:
             raise FakeClient.outcome
         return [GeneratedImage(index=i, seed=(seed or 0) + i, png=f"{model}:{i}".encode()) for i in range(num_images)]
@@ -188,8 +192,10 @@ def test_a_failed_request_comes_back_in_openai_shape(fake_gateway, error, status
 
 
 def test_the_only_model_is_used_when_none_is_named(fake_gateway):
+    FakeClient.users.clear()
     status, body = post(f"{fake_gateway}/v1/images/generations", {"prompt": "p", "n": 2, "seed": 1})
     assert status == 200 and set(body) == {"created", "data"}
+    assert FakeClient.users == ["http"]  # without keys the gateway's requests share one turn
     assert [base64.b64decode(item["b64_json"]) for item in body["data"]] == [b"m:0", b"m:1"]
 
 
@@ -218,8 +224,14 @@ def test_api_keys_guard_every_route_but_the_image_files(tmp_path):
             urllib.request.urlopen(f"{url}/v1/models", timeout=10)
         assert refused.value.code == 401
 
+        FakeClient.users.clear()
         status, answer = post(f"{url}/v1/images/generations", body, {"Authorization": "Bearer sk-second"})
         assert status == 200
+        status, _ = post(
+            f"{url}/v1/images/generations", {**body, "user": "alice"}, {"Authorization": "Bearer sk-first"}
+        )
+        assert status == 200
+        assert FakeClient.users == ["key2", "key1/alice"]  # turns per key and user; the key itself never travels
         with urllib.request.urlopen(answer["data"][0]["url"], timeout=10) as response:  # no key: the URL is the key
             assert response.read() == b"m:0"
         models = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": "bearer sk-first"})

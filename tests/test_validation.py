@@ -57,6 +57,7 @@ def test_a_valid_request_has_no_error():
         {"seed": MAX_SEED - MAX_IMAGES, "num_images": MAX_IMAGES},
         {"timeout": 0.001},
         {"timeout": MAX_TIMEOUT},
+        {"user": "u" * 256},
     ],
     ids=repr,
 )
@@ -103,6 +104,7 @@ def test_values_at_the_limits_are_accepted(changes):
         ({"timeout": MAX_TIMEOUT + 1}, "timeout"),
         ({"timeout": NAN}, "timeout"),
         ({"timeout": INF}, "timeout"),
+        ({"user": "u" * 257}, "user"),
     ],
     ids=repr,
 )

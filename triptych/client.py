@@ -104,8 +104,12 @@ class Client:
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
         cancel: threading.Event | None = None,
+        user: str = "",
     ) -> list[GeneratedImage]:
         """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults.
+
+        ``user`` names whom the request is for (a gateway serving many people): the broker's
+        queues take turns between users, and between clients that name none.
 
         Setting ``cancel`` (from any thread) makes the call raise :class:`GenerationCancelled`
         within a tenth of a second, and the broker drops the request's work.
@@ -122,6 +126,7 @@ class Client:
             seed=secrets.randbelow(2**32) if seed is None else seed,
             num_images=num_images,
             timeout=self.timeout if timeout is None else timeout,
+            user=user,
         )
         try:
             return self._run(request, on_progress, cancel)

@@ -111,6 +111,7 @@ class GenerationParams:
     negative_prompt: str | None
     steps: int | None
     guidance: float | None
+    user: str  # OpenAI's end-user id ("" = none)
 
 
 def _field(body: dict, name: str, kind: type) -> Any:
@@ -156,6 +157,7 @@ _PARAM_OF = {
     "width": "size",
     "num_images": "n",
     "seed": "seed",
+    "user": "user",
 }
 
 
@@ -197,6 +199,7 @@ def parse_generation(body: Any) -> GenerationParams:
         negative_prompt=_field(body, "negative_prompt", str),
         steps=steps,
         guidance=float(guidance) if guidance is not None else None,
+        user=_field(body, "user", str) or "",
     )
     # The broker's own bounds (prompt length...), so that they too come back naming the field.
     check = GenerateRequest(
@@ -210,6 +213,7 @@ def parse_generation(body: Any) -> GenerationParams:
         width=width,
         seed=seed or 0,
         num_images=n,
+        user=params.user,
     )
     if (error := request_error(check)) is not None:
         raise _invalid(_PARAM_OF.get(error.split()[0]), error)
@@ -370,6 +374,9 @@ class Gateway:
     async def generate(self, request: Request) -> JSONResponse:
         params = parse_generation(await _read_json(request))
         params.model = await self._resolve_model(params.model)
+        # The broker's queues take turns per user: per API key (and OpenAI's "user" within it).
+        tenant = getattr(request.state, "api_key", "http")
+        user = f"{tenant}/{params.user}" if params.user else tenant
         cancel = threading.Event()
 
         def run() -> list[GeneratedImage]:
@@ -385,6 +392,7 @@ class Gateway:
                     seed=params.seed,
                     num_images=params.n,
                     cancel=cancel,
+                    user=user,
                 )
 
         try:
@@ -505,20 +513,22 @@ class RequireApiKey:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/v1/files/"):
-            error = self._refusal(dict(scope["headers"]).get(b"authorization", b""))
-            if error is not None:
-                await error.response()(scope, receive, send)
+            found = self._key_index(dict(scope["headers"]).get(b"authorization", b""))
+            if isinstance(found, ApiError):
+                await found.response()(scope, receive, send)
                 return
+            scope.setdefault("state", {})["api_key"] = f"key{found + 1}"  # which key, never the key
         await self.app(scope, receive, send)
 
-    def _refusal(self, header: bytes) -> ApiError | None:
+    def _key_index(self, header: bytes) -> int | ApiError:
         scheme, _, key = header.partition(b" ")
         if scheme.lower() != b"bearer" or not key.strip():
             message = "no API key: send it as 'Authorization: Bearer <key>'"
             return ApiError(401, message, code="invalid_api_key", kind="invalid_request_error")
-        if not any(hmac.compare_digest(key.strip(), known) for known in self.keys):
+        matches = [hmac.compare_digest(key.strip(), known) for known in self.keys]  # every key compared
+        if not any(matches):
             return ApiError(401, "incorrect API key", code="invalid_api_key", kind="invalid_request_error")
-        return None
+        return matches.index(True)
 
 
 def create_app(
