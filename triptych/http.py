@@ -562,8 +562,10 @@ def serve(args: argparse.Namespace) -> int:
     """``triptych http``: serve the gateway until SIGINT/SIGTERM."""
     import uvicorn
 
+    from protocol.allocator import keep_freed_buffers
     from triptych.node import curve_from_args
 
+    keep_freed_buffers()  # a long-lived receiver of PNGs, like the broker
     curve = curve_from_args(args)
     keys = None
     if args.api_keys is not None:
