@@ -5,9 +5,9 @@ A request runs as a chain of jobs: one ``encoder`` job (prompt -> embeddings), o
 image (latents -> PNG). Each job stays here, with its input, until its result arrives; when
 the node holding it dies the job goes back to the front of its queue for another node.
 
-Jobs are queued per (service, model), clients taking turns (:class:`FairQueue`), and handed to the
-least-loaded live node of that kind (least recently used among equals). Results are accepted once per job, so a client receives
-exactly one image per index however often a job was re-dispatched.
+Jobs are queued per (service, model), users taking turns (:class:`FairQueue`), and handed to the
+least-loaded live node of that kind (least recently used among equals). Results are accepted once
+per job, so a client receives exactly one image per index however often a job was re-dispatched.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -374,9 +375,10 @@ class Gateway:
     async def generate(self, request: Request) -> JSONResponse:
         params = parse_generation(await _read_json(request))
         params.model = await self._resolve_model(params.model)
-        # The broker's queues take turns per user: per API key (and OpenAI's "user" within it).
+        # The broker's queues take turns per user: per API key, and OpenAI's "user" within it
+        # (hashed: a short, fixed length, and no end-user ids in the broker's state).
         tenant = getattr(request.state, "api_key", "http")
-        user = f"{tenant}/{params.user}" if params.user else tenant
+        user = f"{tenant}/{hashlib.sha256(params.user.encode()).hexdigest()[:16]}" if params.user else tenant
         cancel = threading.Event()
 
         def run() -> list[GeneratedImage]:
