@@ -38,7 +38,8 @@ def generate_keys(folder: str | Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
-def _load(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
+def load_key(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) from a key file; KeyFileError when unreadable, or without a needed secret."""
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -54,8 +55,8 @@ def secure_client(sock: zmq.Socket, curve: Curve | None) -> None:
         return
     if curve.broker_public_file is None:
         raise KeyFileError("CURVE needs the broker's public key (--curve-broker)")
-    public, secret = _load(curve.secret_file, need_secret=True)
-    server_public, _ = _load(curve.broker_public_file, need_secret=False)
+    public, secret = load_key(curve.secret_file, need_secret=True)
+    server_public, _ = load_key(curve.broker_public_file, need_secret=False)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = server_public
@@ -67,7 +68,7 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> Th
         return None
     if curve.authorized_dir is None or not curve.authorized_dir.is_dir():
         raise KeyFileError(f"--curve-authorized must be a folder of public keys (got {curve.authorized_dir})")
-    public, secret = _load(curve.secret_file, need_secret=True)
+    public, secret = load_key(curve.secret_file, need_secret=True)
     authenticator = ThreadAuthenticator(ctx)
     authenticator.start()
     authenticator.configure_curve(domain="*", location=str(curve.authorized_dir))

@@ -59,16 +59,12 @@ class ClusterCurve:
     def with_broker_keys(cls, folder: Path, broker_secret: Path, authorized_dir: Path) -> ClusterCurve:
         """The broker's own key pair and authorized folder (``triptych up``): its nodes get a throwaway
         key, admitted in ``folder`` beside a copy of the keys already authorized."""
-        import zmq.auth
-
-        from protocol.security import generate_keys
+        from protocol.security import KeyFileError, generate_keys, load_key
 
         try:
-            broker_public, secret = zmq.auth.load_certificate(broker_secret)
-        except (OSError, ValueError) as exc:
-            raise LaunchError(f"cannot read {broker_secret}: {exc}") from exc
-        if not secret:
-            raise LaunchError(f"{broker_secret} holds no secret key (pass the broker's .key_secret file)")
+            broker_public, _ = load_key(broker_secret, need_secret=True)
+        except KeyFileError as exc:
+            raise LaunchError(str(exc)) from exc
         if not authorized_dir.is_dir():
             raise LaunchError(f"--curve-authorized must be a folder of public keys (got {authorized_dir})")
         public_file = folder / "broker.key"
