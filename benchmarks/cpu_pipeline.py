@@ -61,20 +61,20 @@ SERVICES = ("encoder", "denoiser", "decoder")
 
 def build_checkpoint(folder: Path, tiny: bool) -> Path:
     """A random-weight SD 1.5-style checkpoint; tiny: triptych's test checkpoint."""
-    from triptych.tiny import build_tiny_checkpoint
+    from triptych.testing import build_tiny_checkpoint
 
     if tiny:
         return build_tiny_checkpoint("sd", folder)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from triptych.tiny import _clip_text_config, _clip_tokenizer
+    from triptych.testing.components import clip_text_config
+    from triptych.testing.tokenizers import clip_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     # CLIP ViT-L/14's text tower (SD 1.5's encoder) over the offline tokenizer's vocabulary.
-    config = _clip_text_config(tokenizer, 768, 1, num_hidden_layers=12, intermediate_size=3072)
-    config.num_attention_heads = 12
+    config = clip_text_config(tokenizer, 768, 1, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=12)
     text_encoder = CLIPTextModel(config)
     unet = UNet2DConditionModel(
         sample_size=32,  # 256 px

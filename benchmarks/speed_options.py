@@ -1,8 +1,8 @@
 """The denoiser node's speed options, each against the plain denoiser, side by side in one run.
 
-For each model (full-size architecture, random weights, see gpu_memory.py) the denoiser runs
+For each model (full-size architecture, random weights, see published.py) the denoiser runs
 through the family's own ``denoise`` on precomputed embeddings -- what the denoiser node runs --
-first plain, then with each option of ``triptych.families.speed`` applied the way the node
+first plain, then with each option of ``denoiser_node.speed`` applied the way the node
 applies it (``apply_to_denoiser``): channels-last, fused QKV, each attention backend that loads,
 and torch.compile last (it cannot be undone). Seconds per image and the ratio to plain.
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from benchlib import describe, machine, write_json
-from gpu_memory import PROMPT, SPECS, family_of
+from published import PROMPT, SPECS, family_of
 
-from triptych.families.speed import SpeedOptions, apply_to_denoiser
+from denoiser_node.speed import SpeedOptions, apply_to_denoiser
 
 BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "flash")
 

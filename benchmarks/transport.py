@@ -4,8 +4,8 @@ A real broker (``triptych broker``) and three node processes built on the real n
 (``protocol.worker.Worker``) run on loopback; only the handlers are fakes, so no model is
 loaded. Each request carries one tensor the way a model's embeddings and latents travel:
 
-    encoder  --JobDone-->  broker  --JobAssign-->  denoiser      trip 1: "embeddings"
-    denoiser --JobDone-->  broker  --JobAssign-->  decoder       trip 2: "latents" (the same tensor)
+    encoder  --Embeddings-->       broker  --DenoiseJob-->  denoiser      trip 1: "embeddings"
+    denoiser --DenoisedLatents-->  broker  --DecodeJob-->   decoder       trip 2: "latents" (the same tensor)
 
 The encoder handler stamps the time (CLOCK_MONOTONIC, shared by all processes) as its last act;
 the denoiser handler reads the clock as its first act. The difference is one trip: the node
@@ -40,6 +40,16 @@ from pathlib import Path
 import torch
 from benchlib import describe, machine, median, now, table, timed, verdict, write_json
 
+from protocol.messages import (
+    DecodedImage,
+    DecodeJob,
+    DenoisedLatents,
+    DenoiseJob,
+    Embeddings,
+    EncodeJob,
+    ResolvedParams,
+)
+
 MODEL = "transport-bench"
 SMALL_BYTES = 4096  # a tensor this small shows the fixed cost of a trip
 TARGET_GB_PER_S = 1.0  # tensor bytes over the time of one node -> broker -> node trip
@@ -69,50 +79,57 @@ class FakeEncoder:
     def __init__(self) -> None:
         self.tensors: dict[int, torch.Tensor] = {}
 
-    def __call__(self, jobs, progress) -> list[dict]:
+    def __call__(self, jobs: list[EncodeJob], progress) -> list[Embeddings]:
         results = []
         for job in jobs:
-            nbytes = int(job.payload["request"]["prompt"].removeprefix("bytes="))
+            nbytes = int(job.request.prompt.removeprefix("bytes="))
             if nbytes not in self.tensors:
                 self.tensors[nbytes] = _pattern(nbytes // 2).reshape(1, -1)  # (1, N) bfloat16
             embeds = {"prompt_embeds": self.tensors[nbytes]}
             embeds["sent_at"] = torch.tensor([now()], dtype=torch.float64)  # the last thing done
-            results.append({"embeds": embeds})
+            results.append(Embeddings(job_id=job.job_id, embeds=embeds))
         return results
 
 
-def fake_denoiser(jobs, progress) -> list[dict]:
-    """Times trip 1, checks the tensor, sends the same tensor on as the request's latents."""
+def fake_denoiser(jobs: list[DenoiseJob], progress) -> list[DenoisedLatents]:
+    """Times trip 1, checks the tensor, sends the same tensor on as the request's latents.
+
+    Its timings ride to the decoder in the params' prompt, their one free-text field.
+    """
     received = now()
     results = []
     for job in jobs:
-        embeds = job.payload["embeds"]
-        trip = received - float(embeds["sent_at"][0])
-        tensor = embeds["prompt_embeds"]
-        _check(tensor, int(job.payload["request"]["prompt"].removeprefix("bytes=")))
-        results.append({"latents": tensor, "params": {"embeddings_trip_s": trip, "sent_at": now()}})
+        trip = received - float(job.embeds["sent_at"][0])
+        tensor = job.embeds["prompt_embeds"]
+        _check(tensor, int(job.request.prompt.removeprefix("bytes=")))
+        timings = json.dumps({"embeddings_trip_s": trip, "sent_at": now()})
+        params = ResolvedParams(
+            model=MODEL, family="fake", prompt=timings, negative_prompt="", seed=job.request.seed, steps=1,
+            guidance=None, true_cfg=None, height=1, width=1,
+        )  # fmt: skip
+        results.append(DenoisedLatents(job_id=job.job_id, latents=tensor, params=params))
     return results
 
 
-def fake_decoder(jobs, progress) -> list[dict]:
+def fake_decoder(jobs: list[DecodeJob], progress) -> list[DecodedImage]:
     """Times trip 2 and answers with both trip times in place of a PNG."""
     received = now()
     results = []
     for job in jobs:
-        params, latents = job.payload["params"], job.payload["latents"]
+        sent = json.loads(job.params.prompt)
         timings = {
-            "embeddings_trip_s": params["embeddings_trip_s"],
-            "latents_trip_s": received - params["sent_at"],
-            "bytes": latents.numel() * latents.element_size(),
+            "embeddings_trip_s": sent["embeddings_trip_s"],
+            "latents_trip_s": received - sent["sent_at"],
+            "bytes": job.latents.numel() * job.latents.element_size(),
         }
-        results.append({"png": json.dumps(timings).encode()})
+        results.append(DecodedImage(job_id=job.job_id, png=json.dumps(timings).encode()))
     return results
 
 
 def run_node(service: str, broker: str) -> int:
     from protocol.allocator import keep_freed_buffers
     from protocol.worker import Worker
-    from triptych.node import exit_with_parent
+    from triptych.node_runner import exit_with_parent
 
     keep_freed_buffers()  # as a real node does
 

@@ -1,3 +1,5 @@
-from triptych.node import main
+import sys
 
-main("decoder")
+from decoder_node.main import main
+
+sys.exit(main())

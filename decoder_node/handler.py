@@ -7,7 +7,8 @@ import logging
 import torch
 
 from decoder_node.png import encode_png
-from protocol.worker import Job, ProgressFn
+from protocol.messages import DecodedImage, DecodeJob
+from protocol.worker import ProgressFn
 from triptych.families.loading import LoadedStage
 
 logger = logging.getLogger(__name__)
@@ -18,17 +19,14 @@ class DecoderHandler:
         self.stage = stage
         self.images = 0
 
-    def __call__(self, jobs: list[Job], progress: ProgressFn) -> list[dict]:
+    def __call__(self, jobs: list[DecodeJob], progress: ProgressFn) -> list[DecodedImage]:
         return [self._decode(job) for job in jobs]
 
-    def _decode(self, job: Job) -> dict:
-        latents, params, index = job.payload["latents"], job.payload["params"], job.payload["index"]
-        if not isinstance(latents, torch.Tensor) or not isinstance(params, dict) or not isinstance(index, int):
-            raise ValueError("a decode job needs latents, params and an image index")
+    def _decode(self, job: DecodeJob) -> DecodedImage:
         with torch.inference_mode():
-            (image,) = self.stage.family.decode(self.stage.pipe, latents, params)
+            (image,) = self.stage.family.decode(self.stage.pipe, job.latents, job.params)
         self.images += 1
-        return {"png": encode_png(image, {**params, "seed": params["seed"] + index})}
+        return DecodedImage(job_id=job.job_id, png=encode_png(image, job.params, job.index))
 
     def stats(self) -> dict:
         return {"images": self.images}

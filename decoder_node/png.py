@@ -7,14 +7,16 @@ import io
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-# PNG text keys, in the order they are written.
+from protocol.messages import ResolvedParams
+
+# PNG text keys, in the order they are written; a parameter the pipeline did not take is left out.
 METADATA_KEYS = (
     "prompt",
     "negative_prompt",
     "seed",
     "steps",
-    "guidance",
-    "pipeline_guidance",  # the pipeline arguments --guidance set (a family may map it elsewhere)
+    "guidance",  # guidance_scale as passed to the pipeline
+    "true_cfg",  # true_cfg_scale as passed to the pipeline
     "width",
     "height",
     "model",
@@ -22,11 +24,13 @@ METADATA_KEYS = (
 )
 
 
-def encode_png(image: Image.Image, params: dict) -> bytes:
+def encode_png(image: Image.Image, params: ResolvedParams, index: int = 0) -> bytes:
+    """The image as PNG, with ``params`` in text chunks; image ``index`` of a request records its own seed."""
+    values = {**vars(params), "seed": params.seed + index}
     info = PngInfo()
     for key in METADATA_KEYS:
-        if params.get(key) is not None:
-            info.add_text(key, str(params[key]))
+        if values.get(key) is not None:
+            info.add_text(key, str(values[key]))
     info.add_text("generator", "triptych")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)

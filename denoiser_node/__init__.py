@@ -1,1 +1,5 @@
-"""The denoiser node: see handler.py; run with `python -m denoiser_node --model M`."""
+"""The denoiser node: the UNet or transformer and its scheduler, the only process on the GPU.
+
+``main.py`` has its flags and batching, ``speed.py`` its speed options, ``handler.py`` its jobs.
+Run with ``triptych denoiser --model M`` or ``python -m denoiser_node --model M``.
+"""

@@ -1,3 +1,5 @@
-from triptych.node import main
+import sys
 
-main("denoiser")
+from denoiser_node.main import main
+
+sys.exit(main())

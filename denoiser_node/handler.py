@@ -7,17 +7,11 @@ from collections.abc import Hashable
 
 import torch
 
-from protocol.worker import Job, ProgressFn
+from protocol.messages import DenoisedLatents, DenoiseJob
+from protocol.worker import ProgressFn
 from triptych.families.loading import LoadedStage
 
 logger = logging.getLogger(__name__)
-
-
-def _embeds(job: Job) -> dict[str, torch.Tensor]:
-    embeds = job.payload["embeds"]
-    if not isinstance(embeds, dict) or not all(isinstance(t, torch.Tensor) for t in embeds.values()):
-        raise ValueError("embeds must map names to tensors")
-    return embeds
 
 
 class DenoiserHandler:
@@ -26,17 +20,21 @@ class DenoiserHandler:
         self.images = 0
         self.batches = 0
 
-    def batch_key(self, job: Job) -> Hashable:
-        return self.stage.family.batch_key(self.stage.pipe, _embeds(job), job.payload["request"])
+    def batch_key(self, job: DenoiseJob) -> Hashable:
+        return self.stage.family.batch_key(self.stage.pipe, job.embeds, job.request)
 
-    def __call__(self, jobs: list[Job], progress: ProgressFn) -> list[dict]:
-        batch = [(_embeds(job), job.payload["request"]) for job in jobs]
+    def __call__(self, jobs: list[DenoiseJob], progress: ProgressFn) -> list[DenoisedLatents]:
+        family, pipe = self.stage.family, self.stage.pipe
+        warnings = [family.warnings(pipe, job.request) for job in jobs]  # also checks the options exist
         with torch.inference_mode():
-            results = self.stage.family.denoise(self.stage.pipe, batch, progress)
+            results = family.denoise(pipe, [(job.embeds, job.request) for job in jobs], progress)
         self.batches += 1
-        self.images += sum(int(request["num_images"]) for _, request in batch)
+        self.images += sum(job.request.num_images for job in jobs)
         # Per request: (num_images, C, h, w) for UNets and DiTs; family-specific for packed latents.
-        return [{"latents": latents.contiguous(), "params": params} for latents, params in results]
+        return [
+            DenoisedLatents(job_id=job.job_id, latents=latents.contiguous(), params=params, warnings=notes)
+            for job, (latents, params), notes in zip(jobs, results, warnings, strict=True)
+        ]
 
     def stats(self) -> dict:
         return {"images": self.images, "batches": self.batches}

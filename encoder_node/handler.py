@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from encoder_node.cache import EmbeddingCache, Tensors
-from protocol.worker import Job, ProgressFn
+from protocol.messages import Embeddings, EncodeJob
+from protocol.worker import ProgressFn
 from triptych.families.loading import LoadedStage
 
 logger = logging.getLogger(__name__)
@@ -27,15 +28,15 @@ class EncoderHandler:
 
         return lookup
 
-    def __call__(self, jobs: list[Job], progress: ProgressFn) -> list[dict]:
+    def __call__(self, jobs: list[EncodeJob], progress: ProgressFn) -> list[Embeddings]:
         with torch.inference_mode():
             return [self._encode(job) for job in jobs]
 
-    def _encode(self, job: Job) -> dict:
-        request = job.payload["request"]
-        embeds = self.stage.family.encode(self.stage.pipe, request, self._cached(request["model"]))
+    def _encode(self, job: EncodeJob) -> Embeddings:
+        request = job.request
+        embeds = self.stage.family.encode(self.stage.pipe, request, self._cached(request.model))
         # Tensors cross the wire on CPU, e.g. {"prompt_embeds": (1, 77, 768), ...}.
-        return {"embeds": {name: tensor.detach().cpu() for name, tensor in embeds.items()}}
+        return Embeddings(job_id=job.job_id, embeds={name: tensor.detach().cpu() for name, tensor in embeds.items()})
 
     def stats(self) -> dict:
         return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "cache_bytes": self.cache.bytes}

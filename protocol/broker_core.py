@@ -1,36 +1,30 @@
 """The broker's routing logic, free of sockets so it can be tested message by message.
 
-A request runs as a chain of jobs: one ``encoder`` job (prompt -> embeddings), one
-``denoiser`` job (embeddings -> latents for all its images), then one ``decoder`` job per
-image (latents -> PNG). Each job stays here, with its input, until its result arrives; when
-the node holding it dies the job goes back to the front of its queue for another node.
+A request runs as its *plan* (:mod:`protocol.plans`): stages whose jobs are made once the
+stages they need have answered -- today an ``encode`` job (prompt -> embeddings), a ``denoise``
+job (embeddings -> latents for all its images), then one ``decode`` job per image (latents ->
+PNG). Each job stays here, with its input, until its result arrives; when the node holding it
+dies the job goes back to the front of its queue for another node.
 
 Jobs are queued per (service, model), users taking turns (:class:`FairQueue`), and handed to the
 least-loaded live node of that kind (least recently used among equals). Results are accepted once
 per job, so a client receives exactly one image per index however often a job was re-dispatched.
+Nothing here reads what a job carries: that is the plan's business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import uuid
 from dataclasses import dataclass, field
 
-import torch
-
+from protocol import errors
 from protocol.fair_queue import FairQueue
 from protocol.messages import (
-    DECODER,
-    DENOISER,
-    ENCODER,
+    SERVICES,
     CancelRequest,
     GenerateRequest,
     Heartbeat,
-    ImageResult,
-    JobAssign,
     JobCancel,
-    JobDone,
     JobFailed,
     JobProgress,
     Message,
@@ -38,12 +32,15 @@ from protocol.messages import (
     Reconnect,
     RequestAccepted,
     RequestFailed,
+    StageJob,
+    StageResult,
     StatusReply,
     StatusRequest,
     WorkerGoodbye,
     WorkerReady,
 )
 from protocol.metrics import BrokerMetrics, clean_stats
+from protocol.plans import Plan, PlanContext, PlanError, plan_for
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from protocol.validation import request_error
 
@@ -69,16 +66,30 @@ class WorkerState:
 
 @dataclass
 class Job:
-    job_id: str
-    request_id: str
-    service: str
+    message: StageJob  # what the node gets, kept until its result arrives
     model: str
-    payload: dict
+    position: int  # its place among its stage's jobs
     worker: bytes | None = None
     dispatches: int = 0
     assigned_at: float = 0.0
     steps_reported: int = 0  # last step the node reported for it
     reported_at: float = 0.0  # when it reported that step
+
+    @property
+    def job_id(self) -> str:
+        return self.message.job_id
+
+    @property
+    def request_id(self) -> str:
+        return self.message.request_id
+
+    @property
+    def stage(self) -> str:
+        return self.message.STAGE
+
+    @property
+    def service(self) -> str:
+        return self.message.SERVICE
 
 
 @dataclass
@@ -86,10 +97,16 @@ class RequestState:
     request: GenerateRequest
     client: bytes
     deadline: float
-    images_left: set[int]
-    job_id: str | None = None  # the job of the current stage (encode, denoise)
-    decode_jobs: set[str] = field(default_factory=set)
+    plan: Plan
     accepted_at: float = 0.0
+    results: dict[str, list[StageResult | None]] = field(default_factory=dict)  # stage -> per job, once started
+    outstanding: set[str] = field(default_factory=set)  # job ids sent or queued, not yet answered
+
+    def context(self) -> PlanContext:
+        return PlanContext(request=self.request, results=self.results)  # type: ignore[arg-type]
+
+    def finished(self) -> bool:
+        return len(self.results) == len(self.plan.stages) and not self.outstanding
 
 
 class BrokerCore:
@@ -121,7 +138,7 @@ class BrokerCore:
             case CancelRequest():
                 req = self.requests.get(msg.request_id)
                 if req is not None and req.client == sender:
-                    self._fail(msg.request_id, "cancelled by the client", outcome="cancelled")
+                    self._fail(msg.request_id, "cancelled by the client", errors.CANCELLED, outcome="cancelled")
             case StatusRequest():
                 self.outbox.append((sender, self._status(msg.request_id, now)))
             case WorkerReady():
@@ -135,9 +152,9 @@ class BrokerCore:
                 self._on_stats(worker, msg.stats)
             case JobProgress():
                 self._on_progress(sender, msg, now)
-            case JobDone():
+            case StageResult():
                 self._on_stats(worker, msg.stats)
-                self._on_done(sender, msg, now)
+                self._on_result(sender, msg, now)
             case JobFailed():
                 self._on_failed(sender, msg)
             case _:
@@ -153,7 +170,7 @@ class BrokerCore:
         for worker in [w for w in self.workers.values() if now - w.last_seen > expiry]:
             self._drop_worker(worker, f"missed heartbeats for {now - worker.last_seen:.1f}s")
         for request_id in [r for r, req in self.requests.items() if now > req.deadline]:
-            self._fail(request_id, self._timeout_reason(request_id))
+            self._fail(request_id, *self._timeout_reason(request_id))
         self._dispatch(now)
         self.metrics.on_tick(self.workers.values(), self.queues, len(self.requests))
 
@@ -163,25 +180,24 @@ class BrokerCore:
         if req.request_id in self.requests:  # a resend: one result per image, not two
             self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
             return
-        if (error := request_error(req)) is not None:
+        if (problem := request_error(req)) is not None:
             self.metrics.on_request_finished(req.model, "failed")
-            self.outbox.append((client, RequestFailed(request_id=req.request_id, error=error)))
+            bad_field, error = problem
+            failed = RequestFailed(request_id=req.request_id, error=error, code=errors.INVALID_REQUEST, field=bad_field)
+            self.outbox.append((client, failed))
             return
         if len(self.requests) >= self.max_requests:
             error = f"broker busy ({len(self.requests)} requests in flight), retry later"
             self.metrics.on_request_finished(req.model, "failed")
-            self.outbox.append((client, RequestFailed(request_id=req.request_id, error=error, retryable=True)))
+            failed = RequestFailed(request_id=req.request_id, error=error, code=errors.BUSY, retryable=True)
+            self.outbox.append((client, failed))
             return
         self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
         self.requests[req.request_id] = RequestState(
-            request=req,
-            client=client,
-            deadline=now + req.timeout,
-            images_left=set(range(req.num_images)),
-            accepted_at=now,
+            request=req, client=client, deadline=now + req.timeout, plan=plan_for(req), accepted_at=now
         )
         if req.model:
-            self._start(req.request_id)
+            self._advance(req.request_id)
         else:
             self.unrouted.append(req.request_id)
             self._route_unnamed()
@@ -196,29 +212,44 @@ class BrokerCore:
             if request_id not in self.requests:
                 continue
             if len(models) > 1:
-                self._fail(request_id, f"the broker serves several models ({', '.join(models)}): name one")
+                error = f"the broker serves several models ({', '.join(models)}): name one"
+                self._fail(request_id, error, errors.INVALID_REQUEST, bad_field="model")
             else:
                 self.requests[request_id].request.model = models[0]
-                self._start(request_id)
+                self._advance(request_id)
 
-    def _start(self, request_id: str) -> None:
+    def _advance(self, request_id: str) -> None:
+        """Start every stage of the plan whose needs have all answered; finish the request when all have."""
         req = self.requests[request_id]
-        req.job_id = self._enqueue(request_id, ENCODER, {"request": self._request_fields(req.request)})
+        for stage in req.plan.stages:
+            ready = all(need in req.results and None not in req.results[need] for need in stage.needs)
+            if stage.name in req.results or not ready:
+                continue
+            try:
+                jobs = stage.jobs(req.context())
+            except (PlanError, KeyError, TypeError, ValueError, IndexError) as exc:
+                needs = "/".join(stage.needs)
+                self._fail(request_id, f"{needs} returned a malformed result: {exc}", errors.MODEL_ERROR)
+                return
+            req.results[stage.name] = [None] * len(jobs)
+            for position, message in enumerate(jobs):
+                self._enqueue(req, message, position)
 
-    @staticmethod
-    def _request_fields(req: GenerateRequest) -> dict:
-        """What the nodes get of a request: all but whom it is for."""
-        fields = dataclasses.asdict(req)
-        del fields["user"]
-        return fields
-
-    def _fail(self, request_id: str, error: str, retryable: bool = False, outcome: str = "failed") -> None:
+    def _fail(
+        self,
+        request_id: str,
+        error: str,
+        code: str,
+        *,
+        bad_field: str | None = None,
+        outcome: str = "failed",
+    ) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
         self.metrics.on_request_finished(req.request.model, outcome)
-        for job_id in [req.job_id, *req.decode_jobs]:
-            job = self.jobs.pop(job_id, None) if job_id else None
+        for job_id in req.outstanding:
+            job = self.jobs.pop(job_id, None)
             if job is None:
                 continue
             queue = self.queues[(job.service, job.model)]
@@ -226,33 +257,36 @@ class BrokerCore:
                 self.outbox.append((job.worker, JobCancel(job_id=job_id)))
             elif job_id in queue:
                 queue.remove(job_id)
-        logger.info("request %s failed: %s", request_id, error)
-        self.outbox.append((req.client, RequestFailed(request_id=request_id, error=error, retryable=retryable)))
+        logger.info("request %s failed (%s): %s", request_id, code, error)
+        failed = RequestFailed(
+            request_id=request_id, error=error, code=code, field=bad_field, retryable=code in errors.RETRYABLE
+        )
+        self.outbox.append((req.client, failed))
 
-    def _timeout_reason(self, request_id: str) -> str:
+    def _timeout_reason(self, request_id: str) -> tuple[str, str]:
         req = self.requests[request_id]
         model = req.request.model
-        job = self.jobs.get(req.job_id or "") or next(
-            (self.jobs[j] for j in req.decode_jobs if j in self.jobs and self.jobs[j].worker is None), None
-        )
         if not model:
-            return "no node serves any model yet"
-        if job is not None and job.worker is None and not self._workers_for(job.service, model):
-            return f"no {job.service} node serves model {model}"
-        return f"timed out after {req.request.timeout:g}s"
+            return "no node serves any model yet", errors.NO_NODE
+        if not any(w.model == model for w in self.workers.values()):
+            return f"no node serves model {model}", errors.UNKNOWN_MODEL
+        for job_id in req.outstanding:
+            job = self.jobs.get(job_id)
+            if job is not None and job.worker is None and not self._workers_for(job.service, model):
+                return f"no {job.service} node serves model {model}", errors.NO_NODE
+        return f"timed out after {req.request.timeout:g}s", errors.TIMEOUT
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def _enqueue(self, request_id: str, service: str, payload: dict) -> str:
-        req = self.requests[request_id]
+    def _enqueue(self, req: RequestState, message: StageJob, position: int) -> None:
         model = req.request.model
-        job = Job(job_id=uuid.uuid4().hex, request_id=request_id, service=service, model=model, payload=payload)
+        job = Job(message=message, model=model, position=position)
         self.jobs[job.job_id] = job
+        req.outstanding.add(job.job_id)
         # Turns go to whom the work is for: the user a request names (however many connections a
         # gateway spreads it over), else the client's connection.
         line = ("user", req.request.user) if req.request.user else ("client", req.client)
-        self.queues.setdefault((service, model), FairQueue()).append(job.job_id, line)
-        return job.job_id
+        self.queues.setdefault((job.service, model), FairQueue()).append(job.job_id, line)
 
     def _workers_for(self, service: str, model: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.service == service and w.model == model]
@@ -271,11 +305,9 @@ class BrokerCore:
                 job.steps_reported = 0
                 worker.jobs.add(job.job_id)
                 worker.last_assigned = now
-                self.outbox.append(
-                    (worker.identity, JobAssign(job_id=job.job_id, request_id=job.request_id, payload=job.payload))
-                )
+                self.outbox.append((worker.identity, job.message))
                 req = self.requests[job.request_id]
-                event = ProgressEvent(request_id=job.request_id, stage=service, node=worker.node)
+                event = ProgressEvent(request_id=job.request_id, stage=job.stage, service=service, node=worker.node)
                 self.outbox.append((req.client, event))
 
     def _finish_job(self, sender: bytes, job_id: str) -> Job | None:
@@ -294,6 +326,8 @@ class BrokerCore:
             self.outbox.append((job.worker, JobCancel(job_id=job_id)))
         if worker is not None:
             worker.jobs_done += 1
+        if (req := self.requests.get(job.request_id)) is not None:
+            req.outstanding.discard(job_id)
         return job
 
     def _on_progress(self, sender: bytes, msg: JobProgress, now: float) -> None:
@@ -302,11 +336,13 @@ class BrokerCore:
             return
         if msg.step > job.steps_reported:
             if job.steps_reported > 0:  # the first step's time also holds the job's setup: not a step time
-                self.metrics.on_steps(job.service, job.model, msg.step - job.steps_reported, now - job.reported_at)
+                self.metrics.on_steps(job.stage, job.model, msg.step - job.steps_reported, now - job.reported_at)
             job.steps_reported, job.reported_at = msg.step, now
         req = self.requests[job.request_id]
         node = self.workers[sender].node if sender in self.workers else "?"
-        event = ProgressEvent(request_id=job.request_id, stage=job.service, node=node, step=msg.step, total=msg.total)
+        event = ProgressEvent(
+            request_id=job.request_id, stage=job.stage, service=job.service, node=node, step=msg.step, total=msg.total
+        )
         self.outbox.append((req.client, event))
 
     def _on_failed(self, sender: bytes, msg: JobFailed) -> None:
@@ -315,65 +351,38 @@ class BrokerCore:
             return
         worker = self.workers.get(sender)
         node = worker.node if worker else "a node"
-        self._fail(job.request_id, f"{job.service} {node} failed: {msg.error}")
+        code = msg.code if msg.code in errors.CODES else errors.MODEL_ERROR
+        if code == errors.INVALID_REQUEST:  # the request's fault, not the node's: say what to change
+            self._fail(job.request_id, msg.error, code, bad_field=msg.field)
+        else:
+            self._fail(job.request_id, f"{job.stage} on {node} failed: {msg.error}", code, bad_field=msg.field)
 
-    def _on_done(self, sender: bytes, msg: JobDone, now: float) -> None:
+    def _on_result(self, sender: bytes, msg: StageResult, now: float) -> None:
         job = self._finish_job(sender, msg.job_id)
-        if job is None or job.request_id not in self.requests:
+        if job is None or (req := self.requests.get(job.request_id)) is None:
             return
-        self.metrics.on_job_finished(job.service, job.model, now - job.assigned_at)
-        req = self.requests[job.request_id]
-        try:
-            if job.service == ENCODER:
-                self._after_encode(req, msg.payload)
-            elif job.service == DENOISER:
-                self._after_denoise(req, msg.payload)
-            else:
-                self._after_decode(req, job, msg.payload, now)
-        except (KeyError, TypeError, ValueError) as exc:
-            self._fail(job.request_id, f"{job.service} returned a malformed result: {exc}")
-
-    def _after_encode(self, req: RequestState, payload: dict) -> None:
-        embeds = payload["embeds"]
-        if not isinstance(embeds, dict):
-            raise TypeError("embeds must be a map")
-        request_id = req.request.request_id
-        job_payload = {"request": self._request_fields(req.request), "embeds": embeds}
-        req.job_id = self._enqueue(request_id, DENOISER, job_payload)
-
-    def _after_denoise(self, req: RequestState, payload: dict) -> None:
-        latents, params = payload["latents"], payload["params"]
-        count = req.request.num_images
-        if not isinstance(latents, torch.Tensor) or latents.ndim < 1 or latents.shape[0] != count:
-            raise ValueError(f"expected latents for {count} image(s)")
-        if not isinstance(params, dict):
-            raise TypeError("params must be a map")
-        req.job_id = None
-        fields = self._request_fields(req.request)
-        for index in range(count):
-            job_payload = {"request": fields, "params": params, "index": index, "latents": latents[index : index + 1]}
-            req.decode_jobs.add(self._enqueue(req.request.request_id, DECODER, job_payload))
-
-    def _after_decode(self, req: RequestState, job: Job, payload: dict, now: float) -> None:
-        png = payload["png"]
-        if not isinstance(png, bytes):
-            raise TypeError("png must be bytes")
-        index = job.payload["index"]
-        req.decode_jobs.discard(job.job_id)
-        req.images_left.discard(index)
-        params = job.payload["params"]
-        image = ImageResult(
-            request_id=req.request.request_id, index=index, seed=req.request.seed + index, png=png, params=params
-        )
-        self.outbox.append((req.client, image))
-        if not req.images_left:
-            del self.requests[req.request.request_id]
+        self.metrics.on_job_finished(job.stage, job.model, now - job.assigned_at)
+        if not isinstance(msg, job.message.RESULT):
+            error = f"{job.stage} returned a malformed result: {msg.KIND}, not {job.message.RESULT.KIND}"
+            self._fail(job.request_id, error, errors.MODEL_ERROR)
+            return
+        req.results[job.stage][job.position] = msg
+        if job.stage == req.plan.images:
+            try:
+                image = req.plan.image(req.context(), job.message, msg)
+            except (PlanError, KeyError, TypeError, ValueError) as exc:
+                self._fail(job.request_id, f"{job.stage} returned a malformed result: {exc}", errors.MODEL_ERROR)
+                return
+            self.outbox.append((req.client, image))
+        self._advance(job.request_id)
+        if job.request_id in self.requests and req.finished():
+            del self.requests[job.request_id]
             self.metrics.on_request_finished(req.request.model, "completed", now - req.accepted_at)
 
     # --- workers ----------------------------------------------------------------------------
 
     def _on_ready(self, sender: bytes, msg: WorkerReady, now: float) -> None:
-        if msg.service not in (ENCODER, DENOISER, DECODER) or not msg.model or msg.capacity < 1:
+        if msg.service not in SERVICES or not msg.model or msg.capacity < 1:
             logger.warning("ignoring a malformed registration from %s", msg.node)
             return
         known = self.workers.get(sender)
@@ -403,10 +412,11 @@ class BrokerCore:
                 continue
             job.worker = None
             if job.dispatches >= self.max_dispatches:
-                self._fail(job.request_id, f"{job.service} job lost {job.dispatches} times: nodes keep dying")
+                error = f"{job.stage} job lost {job.dispatches} times: nodes keep dying"
+                self._fail(job.request_id, error, errors.MODEL_ERROR)
                 continue
             self.queues[(job.service, job.model)].appendleft(job_id)
-            logger.info("re-dispatching %s job of request %s", job.service, job.request_id)
+            logger.info("re-dispatching %s job of request %s", job.stage, job.request_id)
 
     def _on_stats(self, worker: WorkerState | None, stats: dict) -> None:
         """A node's cumulative counters, sent with heartbeats and results: kept for status and metrics."""

@@ -1,4 +1,4 @@
-"""Wire codec: Python values and torch tensors <-> a list of ZeroMQ frames.
+"""Wire codec: Python values and tensors <-> a list of ZeroMQ frames.
 
 Frame 0 is a msgpack document. A tensor inside it is a msgpack extension holding
 ``[dtype, shape, data]`` where ``data`` is either the raw bytes (small tensors, inline) or
@@ -6,44 +6,29 @@ the index of an extra frame that carries the bytes (large tensors, sent with ``c
 so an embedding is never copied into the msgpack buffer).
 
 Decoding never runs code: only plain msgpack types and tensors of an allow-listed dtype are
-rebuilt, and a tensor's byte length must equal ``numel * itemsize`` before it is built.
-Decoded tensors share memory with the received frame; treat them as read-only.
+rebuilt, and a tensor's byte length must equal ``numel * itemsize`` before it is built. A tensor
+decodes to a :class:`~protocol.tensors.WireTensor` sharing memory with the received frame (the
+broker forwards it as is); ``torch_tensors=True`` rebuilds torch tensors instead, for the nodes.
+Nothing here imports torch unless a torch tensor is encoded or asked for.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import msgpack
-import numpy as np
-import torch
 
-# torch warns (once) that a frame buffer is not writable; decoded tensors are read-only by design.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+from protocol.tensors import ITEMSIZES, WireTensor, is_torch_tensor, to_torch
 
 EXT_TENSOR = 1
 INLINE_MAX_BYTES = 1024  # tensors up to this size travel inside the msgpack document
 MAX_DIMS = 8
 MAX_TENSOR_BYTES = 1 << 32  # 4 GiB: anything larger is hostile or a bug
 MAX_FRAMES = 4096
-
-# The only dtypes that may cross the wire, by name.
-DTYPES: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_NAMES = tuple(ITEMSIZES)  # the only dtypes that may cross the wire
 
 # Limits handed to the msgpack unpacker so a hostile header cannot allocate without bound.
 _UNPACK_LIMITS = {
@@ -61,12 +46,33 @@ class CodecError(ValueError):
     """A message could not be encoded or decoded."""
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Raw bytes of a CPU tensor without copying (a uint8 view covers bfloat16 and bool)."""
+def _torch_bytes(tensor: Any) -> tuple[str, tuple[int, ...], memoryview]:
+    """dtype name, shape and raw bytes of a CPU torch tensor, without copying (uint8 view: bfloat16, bool)."""
+    import torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in ITEMSIZES:
+        raise CodecError(f"dtype {tensor.dtype} is not allowed on the wire")
+    if tensor.device.type != "cpu":
+        raise CodecError("tensors cross the wire on CPU; move it with .cpu() first")
     dense = tensor.detach().contiguous()
     # Not reshape(-1): a contiguous tensor may keep any stride on a size-1 dim, and view(uint8) needs stride 1.
     flat = dense.as_strided((dense.numel(),), (1,))
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return name, tuple(tensor.shape), data
+
+
+def _spec_of(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
+    if isinstance(value, WireTensor):
+        return value.dtype, value.shape, value.data
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        import torch
+
+        value = torch.from_numpy(value)
+    if is_torch_tensor(value):
+        return _torch_bytes(value)
+    raise CodecError(f"cannot encode a value of type {type(value).__name__}")
 
 
 def encode(obj: Any) -> list[bytes | memoryview]:
@@ -74,22 +80,13 @@ def encode(obj: Any) -> list[bytes | memoryview]:
     frames: list[bytes | memoryview] = [b""]
 
     def default(value: Any) -> msgpack.ExtType:
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value)
-        if not isinstance(value, torch.Tensor):
-            raise CodecError(f"cannot encode a value of type {type(value).__name__}")
-        name = _DTYPE_NAMES.get(value.dtype)
-        if name is None:
-            raise CodecError(f"dtype {value.dtype} is not allowed on the wire")
-        if value.device.type != "cpu":
-            raise CodecError("tensors cross the wire on CPU; move it with .cpu() first")
-        data = _tensor_bytes(value)
+        name, shape, data = _spec_of(value)
         if data.nbytes <= INLINE_MAX_BYTES:
             ref: bytes | int = data.tobytes()
         else:
             ref = len(frames)
             frames.append(data)
-        spec = msgpack.packb([name, list(value.shape), ref], use_bin_type=True)
+        spec = msgpack.packb([name, list(shape), ref], use_bin_type=True)
         return msgpack.ExtType(EXT_TENSOR, spec)
 
     try:
@@ -106,11 +103,11 @@ def _buffer(frame: Frame) -> memoryview:
     return buffer if buffer is not None else memoryview(frame)
 
 
-def _check_spec(spec: Any) -> tuple[torch.dtype, tuple[int, ...], bytes | int]:
+def _check_spec(spec: Any) -> tuple[str, tuple[int, ...], bytes | int]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise CodecError("tensor spec must be [dtype, shape, data]")
     name, shape, ref = spec
-    if not isinstance(name, str) or name not in DTYPES:
+    if not isinstance(name, str) or name not in ITEMSIZES:
         raise CodecError(f"dtype {name!r} is not allowed on the wire")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise CodecError(f"tensor shape must be a list of at most {MAX_DIMS} sizes")
@@ -118,10 +115,10 @@ def _check_spec(spec: Any) -> tuple[torch.dtype, tuple[int, ...], bytes | int]:
         raise CodecError(f"tensor shape {shape!r} must hold non-negative integers")
     if not isinstance(ref, bytes | int) or isinstance(ref, bool):
         raise CodecError("tensor data must be bytes or a frame index")
-    return DTYPES[name], tuple(shape), ref
+    return name, tuple(shape), ref
 
 
-_PLAIN_TYPES = (type(None), bool, int, float, str, bytes, torch.Tensor)
+_PLAIN_TYPES = (type(None), bool, int, float, str, bytes, WireTensor)
 
 
 def _check_plain(obj: Any) -> None:
@@ -137,15 +134,18 @@ def _check_plain(obj: Any) -> None:
             raise CodecError(f"msgpack type {type(value).__name__} is not allowed on the wire")
 
 
-def decode(frames: Sequence[Frame]) -> Any:
-    """Decode frames made by :func:`encode`; raises :class:`CodecError` on anything malformed."""
+def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
+    """Decode frames made by :func:`encode`; raises :class:`CodecError` on anything malformed.
+
+    Tensors come back as :class:`WireTensor`, or as torch tensors with ``torch_tensors``.
+    """
     if not frames:
         raise CodecError("no frames")
     if len(frames) > MAX_FRAMES:
         raise CodecError(f"too many frames ({len(frames)} > {MAX_FRAMES})")
     used: set[int] = set()
 
-    def ext_hook(code: int, data: bytes) -> torch.Tensor:
+    def ext_hook(code: int, data: bytes) -> WireTensor:
         if code != EXT_TENSOR:
             raise CodecError(f"unknown msgpack extension type {code}")
         try:
@@ -160,18 +160,14 @@ def decode(frames: Sequence[Frame]) -> Any:
             buffer = _buffer(frames[ref])
         else:
             buffer = memoryview(ref)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        expected = math.prod(shape) * itemsize
+        expected = math.prod(shape) * ITEMSIZES[dtype]
         if expected > MAX_TENSOR_BYTES:
             raise CodecError(f"tensor of {expected} bytes exceeds the {MAX_TENSOR_BYTES} byte limit")
         if buffer.nbytes != expected:
             raise CodecError(
                 f"tensor byte length {buffer.nbytes} does not match shape {list(shape)} of {dtype} ({expected} bytes)"
             )
-        if expected == 0:
-            return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(buffer.cast("B"), dtype=torch.uint8)
-        return raw.view(dtype).reshape(shape)
+        return WireTensor(dtype, shape, buffer.cast("B") if buffer.nbytes else memoryview(b""))
 
     try:
         obj = msgpack.unpackb(_buffer(frames[0]), ext_hook=ext_hook, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
@@ -182,4 +178,4 @@ def decode(frames: Sequence[Frame]) -> Any:
     _check_plain(obj)
     if len(used) != len(frames) - 1:
         raise CodecError(f"{len(frames) - 1 - len(used)} frame(s) not referenced by the message")
-    return obj
+    return to_torch(obj) if torch_tensors else obj

@@ -1,11 +1,20 @@
 """Every message that crosses the wire, in one place.
 
 A message is a small typed dataclass. On the wire it is a msgpack map
-``{"v": PROTOCOL_VERSION, "kind": KIND, **fields}`` (plus tensor frames, see ``codec``).
-Decoding checks the version, the kind and the type of every field; anything else is a
-:class:`ProtocolError`, never an exception from deep inside a handler.
+``{"v": PROTOCOL_VERSION, "kind": KIND, **fields}`` (plus tensor frames, see ``codec``); a
+field whose type is a plain dataclass (:class:`RequestSpec`, :class:`ResolvedParams`) is a
+nested map. Decoding checks the version, the kind and the type of every field, nested ones
+included; anything else is a :class:`ProtocolError` naming the field, never an exception from
+deep inside a handler. Tensors are accepted only in fields typed :data:`~protocol.tensors.Tensor`.
 
-Directions: client -> broker, broker -> client, worker (node) -> broker, broker -> worker.
+Directions: client -> broker, broker -> client, node -> broker, broker -> node. Between the
+broker and the nodes a request travels as *stage jobs* and *stage results*, one typed pair per
+stage (see :mod:`protocol.plans` for the order they run in):
+
+    stage    job (broker -> node)    result (node -> broker)
+    encode   EncodeJob               Embeddings
+    denoise  DenoiseJob              DenoisedLatents
+    decode   DecodeJob               DecodedImage
 """
 
 from __future__ import annotations
@@ -17,14 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from protocol import codec
+from protocol.errors import MODEL_ERROR
+from protocol.stages import DECODE, DECODER, DENOISE, DENOISER, ENCODE, ENCODER, SERVICES
+from protocol.tensors import Tensor, is_tensor
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-# Services: the three kinds of node.
-ENCODER = "encoder"
-DENOISER = "denoiser"
-DECODER = "decoder"
-SERVICES = (ENCODER, DENOISER, DECODER)
+__all__ = ["DECODER", "DENOISER", "ENCODER", "SERVICES"]  # re-exported: services are named in protocol.stages
 
 
 class ProtocolError(ValueError):
@@ -34,6 +42,44 @@ class ProtocolError(ValueError):
 @dataclass(kw_only=True)
 class Message:
     KIND: ClassVar[str] = ""
+
+
+# --- what the nodes read of a request ------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RequestSpec:
+    """A request as every stage sees it: what to make, not whom it is for or how long it may take.
+
+    Unset (None) options take the pipeline's own defaults, resolved by the denoiser's family.
+    """
+
+    model: str
+    prompt: str
+    negative_prompt: str | None = None  # passed to the pipeline as given
+    steps: int | None = None  # num_inference_steps
+    guidance: float | None = None  # the pipeline's guidance_scale
+    true_cfg: float | None = None  # the pipeline's true_cfg_scale (pipelines that have one)
+    height: int | None = None
+    width: int | None = None
+    seed: int  # image i uses seed + i
+    num_images: int = 1
+
+
+@dataclass(kw_only=True)
+class ResolvedParams:
+    """The parameters a request's images were made with, as the pipeline used them (PNG metadata)."""
+
+    model: str
+    family: str
+    prompt: str
+    negative_prompt: str  # "" when none
+    seed: int  # the request's seed: image i used seed + i
+    steps: int
+    guidance: float | None  # guidance_scale as passed to the pipeline (None: it takes none)
+    true_cfg: float | None  # true_cfg_scale as passed (None: the pipeline has no such argument)
+    height: int
+    width: int
 
 
 # --- client -> broker ---------------------------------------------------------------------
@@ -52,13 +98,19 @@ class GenerateRequest(Message):
     prompt: str
     negative_prompt: str | None = None
     steps: int | None = None
-    guidance: float | None = None
+    guidance: float | None = None  # the pipeline's guidance_scale
+    true_cfg: float | None = None  # the pipeline's true_cfg_scale
     height: int | None = None
     width: int | None = None
     seed: int
     num_images: int = 1
     timeout: float = 300.0  # seconds the request may wait and run before it fails
     user: str = ""  # whom it is for: queued work takes turns per user ("" = per client connection)
+
+    def spec(self) -> RequestSpec:
+        """What the nodes get of this request: all but whom it is for and its timeout."""
+        names = {f.name for f in dataclasses.fields(RequestSpec)}
+        return RequestSpec(**{name: getattr(self, name) for name in names})
 
 
 @dataclass(kw_only=True)
@@ -90,7 +142,8 @@ class ProgressEvent(Message):
 
     KIND: ClassVar[str] = "progress"
     request_id: str
-    stage: str
+    stage: str  # a stage name: encode, denoise, decode...
+    service: str = ""  # the kind of node running it
     node: str
     step: int = 0
     total: int = 0
@@ -101,16 +154,19 @@ class ImageResult(Message):
     KIND: ClassVar[str] = "image"
     request_id: str
     index: int
-    seed: int
+    seed: int  # the seed this image was made with: the request's seed + index
     png: bytes
-    params: dict = field(default_factory=dict)  # resolved generation parameters
+    params: ResolvedParams
+    warnings: list[str] = field(default_factory=list)  # options the pipeline ignored, and why
 
 
 @dataclass(kw_only=True)
 class RequestFailed(Message):
     KIND: ClassVar[str] = "failed"
     request_id: str
-    error: str
+    error: str  # one sentence for people
+    code: str = MODEL_ERROR  # one of protocol.errors.CODES, for programs
+    field: str | None = None  # the GenerateRequest field at fault, where there is one
     retryable: bool = False
 
 
@@ -123,7 +179,7 @@ class StatusReply(Message):
     requests_in_flight: int = 0
 
 
-# --- worker -> broker ---------------------------------------------------------------------
+# --- node -> broker -----------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -160,29 +216,94 @@ class JobProgress(Message):
 
 
 @dataclass(kw_only=True)
-class JobDone(Message):
-    KIND: ClassVar[str] = "job_done"
-    job_id: str
-    payload: dict
-    stats: dict = field(default_factory=dict)  # the node's counters, as in Heartbeat
-
-
-@dataclass(kw_only=True)
 class JobFailed(Message):
     KIND: ClassVar[str] = "job_failed"
     job_id: str
     error: str
+    code: str = MODEL_ERROR  # invalid_request when the request asked what the model cannot do
+    field: str | None = None  # the request field at fault, with invalid_request
 
 
-# --- broker -> worker ---------------------------------------------------------------------
+# --- stage results (node -> broker) ---------------------------------------------------------
 
 
 @dataclass(kw_only=True)
-class JobAssign(Message):
-    KIND: ClassVar[str] = "job"
+class StageResult(Message):
+    """A stage job's result; it also carries the node's counters, as a Heartbeat does."""
+
+    job_id: str
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Embeddings(StageResult):
+    KIND: ClassVar[str] = "embeddings"
+    # The pipeline's embedding arguments, batch of one, e.g. {"prompt_embeds": (1, 77, 768)}
+    # for SD 1.x, {"prompt_embeds": (1, 512, 4096), "pooled_prompt_embeds": (1, 768)} for FLUX.1.
+    embeds: dict[str, Tensor]
+
+
+@dataclass(kw_only=True)
+class DenoisedLatents(StageResult):
+    KIND: ClassVar[str] = "latents"
+    # Every image of the request: (num_images, C, h, w) for most families; packed families send
+    # their pipeline's own layout, e.g. (num_images, h/2 * w/2, 4C) for FLUX.1.
+    latents: Tensor
+    params: ResolvedParams
+    warnings: list[str] = field(default_factory=list)  # options the pipeline will ignore, and why
+
+
+@dataclass(kw_only=True)
+class DecodedImage(StageResult):
+    KIND: ClassVar[str] = "decoded"
+    png: bytes  # the image, with its parameters in PNG text chunks
+
+
+# --- stage jobs (broker -> node) ------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class StageJob(Message):
+    """One stage's work for one request, held by the broker until its result arrives."""
+
+    STAGE: ClassVar[str] = ""
+    SERVICE: ClassVar[str] = ""
+    RESULT: ClassVar[type[StageResult]] = StageResult  # what the node answers with
     job_id: str
     request_id: str
-    payload: dict
+
+
+@dataclass(kw_only=True)
+class EncodeJob(StageJob):
+    KIND: ClassVar[str] = "encode_job"
+    STAGE: ClassVar[str] = ENCODE
+    SERVICE: ClassVar[str] = ENCODER
+    RESULT: ClassVar[type[StageResult]] = Embeddings
+    request: RequestSpec
+
+
+@dataclass(kw_only=True)
+class DenoiseJob(StageJob):
+    KIND: ClassVar[str] = "denoise_job"
+    STAGE: ClassVar[str] = DENOISE
+    SERVICE: ClassVar[str] = DENOISER
+    RESULT: ClassVar[type[StageResult]] = DenoisedLatents
+    request: RequestSpec
+    embeds: dict[str, Tensor]  # the encoder's Embeddings.embeds, batch of one
+
+
+@dataclass(kw_only=True)
+class DecodeJob(StageJob):
+    KIND: ClassVar[str] = "decode_job"
+    STAGE: ClassVar[str] = DECODE
+    SERVICE: ClassVar[str] = DECODER
+    RESULT: ClassVar[type[StageResult]] = DecodedImage
+    params: ResolvedParams
+    index: int  # which image of the request: its seed is params.seed + index
+    latents: Tensor  # that image's row of DenoisedLatents.latents, e.g. (1, 4, 64, 64)
+
+
+# --- broker -> node -----------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -215,47 +336,131 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Heartbeat,
         WorkerGoodbye,
         JobProgress,
-        JobDone,
         JobFailed,
-        JobAssign,
+        Embeddings,
+        DenoisedLatents,
+        DecodedImage,
+        EncodeJob,
+        DenoiseJob,
+        DecodeJob,
         JobCancel,
         Reconnect,
     )
 }
 
 
-def _accepts(annotation: Any, value: Any) -> bool:
-    """Whether ``value`` fits a field annotation (str, int, float, bool, bytes, dict, list, X | None)."""
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or annotation)
+# --- checking decoded fields ----------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
-_HINTS: dict[type[Message], dict[str, Any]] = {}
-
-
-def _hints(cls: type[Message]) -> dict[str, Any]:
+def _hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
         hints = typing.get_type_hints(cls)
         _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     return _HINTS[cls]
 
 
+class _Mismatch(Exception):
+    def __init__(self, where: str, got: Any) -> None:
+        super().__init__(where)
+        self.where, self.got = where, got
+
+
+def _check(annotation: Any, value: Any, where: str) -> Any:
+    """``value`` as a field typed ``annotation`` holds it (nested dataclasses built); raises _Mismatch."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _check(arg, value, where)
+            except _Mismatch:
+                continue
+        raise _Mismatch(where, value)
+    if annotation is Tensor:
+        if is_tensor(value):
+            return value
+        raise _Mismatch(where, value)
+    if is_tensor(value):  # a tensor anywhere else is refused: it is no plain value
+        raise _Mismatch(where, value)
+    if annotation is type(None):
+        ok = value is None
+    elif annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise _Mismatch(where, value)
+        return _build(annotation, value, where)
+    elif origin is dict and typing.get_args(annotation):
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise _Mismatch(where, value)
+        return {_check(key_type, k, f"{where} key"): _check(value_type, v, f"{where}[{k!r}]") for k, v in value.items()}
+    elif origin is list and typing.get_args(annotation):
+        if not isinstance(value, list):
+            raise _Mismatch(where, value)
+        (item_type,) = typing.get_args(annotation)
+        return [_check(item_type, item, f"{where}[{i}]") for i, item in enumerate(value)]
+    else:
+        ok = isinstance(value, origin or annotation)
+        if ok and isinstance(value, dict | list):
+            _refuse_tensors(value, where)
+    if not ok:
+        raise _Mismatch(where, value)
+    return value
+
+
+def _refuse_tensors(value: Any, where: str) -> None:
+    """An untyped map or list (status, counters) holds plain values only."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif is_tensor(item):
+            raise _Mismatch(where, item)
+
+
+def _build(cls: type, body: dict, where: str) -> Any:
+    hints = _hints(cls)
+    unknown = set(body) - set(hints)
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {sorted(unknown, key=str)}")  # keys: str or bytes
+    values = {name: _check(hints[name], value, f"{where}.{name}") for name, value in body.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise ProtocolError(f"{where}: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """A message's fields as msgpack takes them: nested dataclasses as maps, tensors as they are."""
+    if is_tensor(value):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
 def to_frames(message: Message) -> list[bytes | memoryview]:
-    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    body = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
     return codec.encode({"v": PROTOCOL_VERSION, "kind": message.KIND, **body})
 
 
-def from_frames(frames: list[Any]) -> Message:
-    """Decode and type-check one message; raises ProtocolError (or CodecError) when malformed."""
-    body = codec.decode(frames)
+def from_frames(frames: list[Any], *, torch_tensors: bool = False) -> Message:
+    """Decode and type-check one message; raises ProtocolError (or CodecError) when malformed.
+
+    Tensor fields hold WireTensors, or torch tensors with ``torch_tensors`` (the nodes).
+    """
+    body = codec.decode(frames, torch_tensors=torch_tensors)
     if not isinstance(body, dict):
         raise ProtocolError("message is not a map")
     version = body.pop("v", None)
@@ -265,14 +470,9 @@ def from_frames(frames: list[Any]) -> Message:
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    hints = _hints(cls)
-    unknown = set(body) - set(hints)
-    if unknown:
-        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown, key=str)}")  # keys: str or bytes
-    for name, value in body.items():
-        if not _accepts(hints[name], value):
-            raise ProtocolError(f"{kind}: field {name!r} has the wrong type ({type(value).__name__})")
     try:
-        return cls(**body)
-    except TypeError as exc:  # a required field is missing
-        raise ProtocolError(f"{kind}: {exc}") from exc
+        return _build(cls, body, kind)
+    except _Mismatch as exc:
+        raise ProtocolError(
+            f"{kind}: field {exc.where.removeprefix(kind + '.')!r} has the wrong type ({type(exc.got).__name__})"
+        ) from None

@@ -20,9 +20,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from protocol.messages import DECODER, DENOISER, ENCODER
-
-STAGES = {ENCODER: "encode", DENOISER: "denoise", DECODER: "decode"}  # service -> stage label
 OUTCOMES = ("completed", "failed", "cancelled")
 MAX_STATS = 64  # counters kept per report; more are dropped
 MAX_STAT_NAME = 64
@@ -64,10 +61,10 @@ class BrokerMetrics:
         """A request ended: ``outcome`` is completed, failed or cancelled; completed ones give
         the ``seconds`` since they were accepted."""
 
-    def on_job_finished(self, service: str, model: str, seconds: float) -> None:
-        """A node returned a job's result ``seconds`` after it was assigned."""
+    def on_job_finished(self, stage: str, model: str, seconds: float) -> None:
+        """A node returned a ``stage`` job's result ``seconds`` after it was assigned."""
 
-    def on_steps(self, service: str, model: str, steps: int, seconds: float) -> None:
+    def on_steps(self, stage: str, model: str, steps: int, seconds: float) -> None:
         """A node reported ``steps`` more steps of a job, ``seconds`` after its previous report."""
 
     def on_node_stats(self, service: str, model: str, node: str, stats: dict[str, float]) -> None:
@@ -138,11 +135,11 @@ class PrometheusMetrics(BrokerMetrics):
         if seconds is not None:
             self.request_seconds.labels(model=label).observe(seconds)
 
-    def on_job_finished(self, service: str, model: str, seconds: float) -> None:
-        self.stage_seconds.labels(stage=STAGES.get(service, service), model=model).observe(seconds)
+    def on_job_finished(self, stage: str, model: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage=stage, model=model).observe(seconds)
 
-    def on_steps(self, service: str, model: str, steps: int, seconds: float) -> None:
-        histogram = self.step_seconds.labels(stage=STAGES.get(service, service), model=model)
+    def on_steps(self, stage: str, model: str, steps: int, seconds: float) -> None:
+        histogram = self.step_seconds.labels(stage=stage, model=model)
         for _ in range(min(steps, 1000)):
             histogram.observe(seconds / steps)
 

@@ -21,32 +21,43 @@ MAX_GUIDANCE = 1_000.0
 MAX_TIMEOUT = 24 * 3600.0
 
 
-def request_error(req: GenerateRequest) -> str | None:
-    """The first problem with ``req`` as a sentence naming the field and its allowed range."""
+def _guidance_problem(name: str, value: float | None) -> tuple[str, str] | None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        return name, f"{name} must be a finite number between 0 and {MAX_GUIDANCE:g} (got {value})"
+    return None
+
+
+def request_error(req: GenerateRequest) -> tuple[str, str] | None:
+    """The first problem with ``req``: the field at fault, and a sentence naming it and its allowed range."""
     if not req.request_id or len(req.request_id) > 128:
-        return "request_id must be 1 to 128 characters"
+        return "request_id", "request_id must be 1 to 128 characters"
     if len(req.model) > 256:
-        return "model name must be at most 256 characters"
+        return "model", "model must be at most 256 characters"
     if len(req.user) > 256:
-        return "user must be at most 256 characters"
+        return "user", "user must be at most 256 characters"
     if len(req.prompt) > MAX_PROMPT_CHARS:
-        return f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(req.prompt)})"
+        return "prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters (got {len(req.prompt)})"
     if req.negative_prompt is not None and len(req.negative_prompt) > MAX_PROMPT_CHARS:
-        return f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters"
+        return "negative_prompt", f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters"
     if req.steps is not None and not 1 <= req.steps <= MAX_STEPS:
-        return f"steps must be between 1 and {MAX_STEPS} (got {req.steps})"
-    if req.guidance is not None and not (math.isfinite(req.guidance) and 0 <= req.guidance <= MAX_GUIDANCE):
-        return f"guidance must be a finite number between 0 and {MAX_GUIDANCE:g} (got {req.guidance})"
+        return "steps", f"steps must be between 1 and {MAX_STEPS} (got {req.steps})"
+    if (
+        problem := _guidance_problem("guidance", req.guidance) or _guidance_problem("true_cfg", req.true_cfg)
+    ) is not None:
+        return problem
     for name in ("height", "width"):
         side = getattr(req, name)
         if side is not None and not (SIZE_MULTIPLE <= side <= MAX_SIDE and side % SIZE_MULTIPLE == 0):
-            return f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIDE} (got {side})"
+            return (
+                name,
+                f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIDE} (got {side})",
+            )
     if req.height is not None and req.width is not None and req.height * req.width > MAX_PIXELS:
-        return f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
+        return "height", f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
     if not 1 <= req.num_images <= MAX_IMAGES:
-        return f"num_images must be between 1 and {MAX_IMAGES} (got {req.num_images})"
+        return "num_images", f"num_images must be between 1 and {MAX_IMAGES} (got {req.num_images})"
     if not 0 <= req.seed <= MAX_SEED - req.num_images:
-        return f"seed must be between 0 and {MAX_SEED - req.num_images} (got {req.seed})"
+        return "seed", f"seed must be between 0 and {MAX_SEED - req.num_images} (got {req.seed})"
     if not (math.isfinite(req.timeout) and 0 < req.timeout <= MAX_TIMEOUT):
-        return f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds (got {req.timeout})"
+        return "timeout", f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds (got {req.timeout})"
     return None

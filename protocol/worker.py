@@ -3,13 +3,16 @@
 An IO thread owns the DEALER socket: it receives jobs into an in-memory queue, forwards results
 and progress from the compute thread (through an inproc PAIR socket), sends heartbeats and
 re-registers when the broker restarts or forgets the node. The compute thread -- the caller of
-:meth:`Worker.run` -- only ever sees jobs and a progress callback; it knows nothing of sockets,
-so a long denoise never delays a heartbeat (torch and zmq both release the GIL).
+:meth:`Worker.run` -- only ever sees typed stage jobs (:class:`~protocol.messages.StageJob`,
+tensors rebuilt as torch tensors) and a progress callback, and returns typed stage results; it
+knows nothing of sockets, so a long denoise never delays a heartbeat (torch and zmq both
+release the GIL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -22,16 +25,16 @@ from dataclasses import dataclass
 
 import zmq
 
-from protocol import messages
+from protocol import codec, errors, messages
 from protocol.codec import CodecError
 from protocol.messages import (
     Heartbeat,
-    JobAssign,
     JobCancel,
-    JobDone,
     JobFailed,
     JobProgress,
     Reconnect,
+    StageJob,
+    StageResult,
     WorkerGoodbye,
     WorkerReady,
 )
@@ -50,15 +53,19 @@ class JobCancelled(Exception):
 
 @dataclass
 class Job:
-    job_id: str
-    request_id: str
-    payload: dict
+    message: StageJob
     cancelled: threading.Event
     batch_key: Hashable | None = None  # computed once, the first time the job is batched
 
+    @property
+    def job_id(self) -> str:
+        return self.message.job_id
+
 
 ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when all are cancelled
-Handler = Callable[[list[Job], ProgressFn], list[dict]]  # a batch of jobs -> one result payload each
+# A batch of jobs -> one result each, in order (their job ids set; the worker adds the node's stats).
+Handler = Callable[[list[StageJob], ProgressFn], list[StageResult]]
+BatchKey = Callable[[StageJob], Hashable]  # jobs with equal keys may run as one batch
 
 
 def node_name() -> str:
@@ -76,7 +83,7 @@ class Worker:
         capacity: int = 2,
         max_batch: int = 1,
         batch_window: float = 0.0,
-        batch_key: Callable[[Job], Hashable] | None = None,
+        batch_key: BatchKey | None = None,
         info: dict | None = None,
         stats: Callable[[], dict] | None = None,
         curve: Curve | None = None,
@@ -145,7 +152,7 @@ class Worker:
     def _key(self, job: Job) -> Hashable:
         if job.batch_key is None:
             try:
-                job.batch_key = job.job_id if self.max_batch <= 1 else self.batch_key(job)
+                job.batch_key = job.job_id if self.max_batch <= 1 else self.batch_key(job.message)
             except Exception:  # a malformed job runs alone and fails on its own
                 job.batch_key = job.job_id
         return job.batch_key
@@ -154,7 +161,7 @@ class Worker:
         live = [job for job in batch if not job.cancelled.is_set()]
         for job in batch:
             if job.cancelled.is_set():
-                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+                self._send(JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED))
         if not live:
             return
 
@@ -165,26 +172,30 @@ class Worker:
                 self._send(JobProgress(job_id=job.job_id, step=step, total=total))
 
         try:
-            payloads = self.handler(live, progress)
-            if len(payloads) != len(live):
-                raise RuntimeError(f"handler returned {len(payloads)} results for {len(live)} jobs")
+            results = self.handler([job.message for job in live], progress)
+            if len(results) != len(live):
+                raise RuntimeError(f"handler returned {len(results)} results for {len(live)} jobs")
         except JobCancelled:
             logger.info("batch of %d cancelled", len(live))
             for job in live:
-                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+                self._send(JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED))
             return
         except Exception as exc:
-            logger.exception("batch of %d job(s) failed (requests %s)", len(live), [j.request_id for j in live])
+            if isinstance(exc, errors.RequestError):
+                logger.info("refused %d job(s): %s", len(live), exc)
+            else:
+                requests = [job.message.request_id for job in live]
+                logger.exception("batch of %d job(s) failed (requests %s)", len(live), requests)
             for job in live:
-                self._send(JobFailed(job_id=job.job_id, error=describe_error(exc)))
+                self._send(failure(job.job_id, exc))
             return
         stats = self._stats()
-        for job, payload in zip(live, payloads, strict=True):
+        for job, result in zip(live, results, strict=True):
             if job.cancelled.is_set():
-                self._send(JobFailed(job_id=job.job_id, error="cancelled"))
+                self._send(JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED))
             else:
                 try:
-                    self._send(JobDone(job_id=job.job_id, payload=payload, stats=stats))
+                    self._send(dataclasses.replace(result, job_id=job.job_id, stats=stats))
                 except CodecError as exc:  # a result that cannot travel fails its job, not the node
                     self._send(JobFailed(job_id=job.job_id, error=f"result could not be encoded: {exc}"))
 
@@ -200,7 +211,7 @@ class Worker:
     def _send(self, msg: messages.Message) -> None:
         assert self._send_to_io is not None
         self._send_to_io.send_multipart(messages.to_frames(msg), copy=False)
-        if isinstance(msg, JobDone | JobFailed):
+        if isinstance(msg, StageResult | JobFailed):
             self._active.pop(msg.job_id, None)  # answered: a cancel for it no longer applies
 
     # --- IO thread --------------------------------------------------------------------------
@@ -243,6 +254,11 @@ class Worker:
         dealer.close(linger=500)
         from_compute.close(linger=0)
 
+    @staticmethod
+    def _send_io(dealer: zmq.Socket, msg: messages.Message) -> None:
+        """Send from the IO thread itself (the compute thread sends through the pipe)."""
+        dealer.send_multipart(messages.to_frames(msg))
+
     def _connect(self) -> zmq.Socket:
         dealer = connect_dealer(self.ctx, self.broker, curve=self.curve)
         dealer.send_multipart(messages.to_frames(self.ready))
@@ -250,17 +266,22 @@ class Worker:
 
     def _on_broker(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> None:
         try:
-            msg = messages.from_frames(frames)
+            msg = messages.from_frames(frames, torch_tensors=True)
         except (CodecError, messages.ProtocolError) as exc:
             logger.warning("dropping a malformed message from the broker: %s", exc)
+            if (job_id := _job_id_of(frames)) is not None:  # a job we cannot run fails, not hangs
+                self._send_io(dealer, JobFailed(job_id=job_id, error=f"malformed job: {exc}"))
             return
         match msg:
-            case JobAssign():
+            case StageJob():
                 if msg.job_id in self._active:
                     return
-                job = Job(
-                    job_id=msg.job_id, request_id=msg.request_id, payload=msg.payload, cancelled=threading.Event()
-                )
+                if self.ready.service != msg.SERVICE:
+                    self._send_io(
+                        dealer, JobFailed(job_id=msg.job_id, error=f"a {self.ready.service} runs no {msg.KIND}")
+                    )
+                    return
+                job = Job(message=msg, cancelled=threading.Event())
                 self._active[job.job_id] = job
                 self.jobs.put(job)
             case JobCancel():
@@ -275,9 +296,23 @@ class Worker:
                 logger.warning("dropping unexpected %s from the broker", msg.KIND)
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for the client; out-of-memory on the GPU is named as such."""
+def _job_id_of(frames: list[zmq.Frame]) -> str | None:
+    """The job id of a stage job that failed its checks, if its header can be read at all."""
+    try:
+        body = codec.decode(frames)
+    except CodecError:
+        return None
+    if isinstance(body, dict) and isinstance(kind := body.get("kind"), str) and kind.endswith("_job"):
+        job_id = body.get("job_id")
+        return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+    return None
+
+
+def failure(job_id: str, exc: BaseException) -> JobFailed:
+    """The JobFailed a handler's exception becomes: invalid requests and out-of-memory named as such."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, errors.RequestError):
+        return JobFailed(job_id=job_id, error=text[:500], code=errors.INVALID_REQUEST, field=exc.field)
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
-        return f"out of memory: {text}"[:500]
-    return f"{type(exc).__name__}: {text}"[:500]
+        return JobFailed(job_id=job_id, error=f"out of memory: {text}"[:500], code=errors.OUT_OF_MEMORY)
+    return JobFailed(job_id=job_id, error=f"{type(exc).__name__}: {text}"[:500], code=errors.MODEL_ERROR)

@@ -1,18 +1,19 @@
-"""Shared fixtures: tiny checkpoints built once per session and one cluster that serves them."""
+"""Shared fixtures: tiny checkpoints built once per session and one cluster that serves them.
+
+Helpers that test modules share are in tests/support.py.
+"""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.cluster import ProcessCluster, free_port, serving
-from triptych.tiny import build_tiny_checkpoint
+from tests.support import ProcessCluster, free_port, serving
+from triptych.testing import build_tiny_checkpoint
 
 # Test model name -> (tiny family, text encoder scale). The name is the checkpoint's folder name.
 MODELS = {
@@ -57,9 +58,14 @@ def reference():
     return run
 
 
-def max_pixel_difference(png: bytes | Path, expected: Image.Image) -> int:
-    data = png.read_bytes() if isinstance(png, Path) else png
-    got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
-    want = np.asarray(expected.convert("RGB")).astype(np.int16)
-    assert got.shape == want.shape, f"image shape {got.shape} != diffusers' {want.shape}"
-    return int(np.abs(got - want).max())
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The tiny checkpoint of a family (see triptych.testing), built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / family)
+        return built[family]
+
+    return get

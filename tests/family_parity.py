@@ -8,7 +8,6 @@ compared with the diffusers pipeline run whole, for the same request and seed.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from functools import cache
 from pathlib import Path
@@ -18,9 +17,16 @@ import torch
 from PIL import Image
 
 from decoder_node.png import encode_png
-from protocol import codec
-from protocol.messages import GenerateRequest
-from triptych.families import DECODE, DENOISE, ENCODE
+from protocol import codec, messages
+from protocol.messages import (
+    DecodeJob,
+    DenoisedLatents,
+    DenoiseJob,
+    Embeddings,
+    GenerateRequest,
+    RequestSpec,
+)
+from protocol.stages import DECODER, DENOISER, ENCODER
 from triptych.families.loading import LoadedStage, load_stage
 
 
@@ -39,31 +45,52 @@ def pipeline(path: Path):
 
 
 def wire(value):
-    """What arrives on the far side of a socket."""
-    return codec.decode([bytes(frame) for frame in codec.encode(value)])
+    """What a node receives of a message (or of plain tensors): through the codec, checked, tensors rebuilt."""
+    if isinstance(value, messages.Message):
+        return messages.from_frames([bytes(frame) for frame in messages.to_frames(value)], torch_tensors=True)
+    return codec.decode([bytes(frame) for frame in codec.encode(value)], torch_tensors=True)
 
 
-def request_dict(model: str, **fields) -> dict:
+def request_spec(model: str, **fields) -> RequestSpec:
     fields.setdefault("seed", 0)
-    return dataclasses.asdict(GenerateRequest(request_id="r", model=model, **fields))
+    return GenerateRequest(request_id="r", model=model, **fields).spec()
 
 
 def split_run(
-    path: Path, request: dict, encoder_dtype: torch.dtype = torch.float32, no_t5: bool = False
+    path: Path, request: RequestSpec, encoder_dtype: torch.dtype = torch.float32, no_t5: bool = False
 ) -> list[Image.Image]:
     """encoder -> wire -> denoiser -> wire -> decoder, one decode job per image, PNG round trip."""
-    encoder = stage(path, ENCODE, encoder_dtype, no_t5)
-    denoiser, decoder = stage(path, DENOISE), stage(path, DECODE)
+    encoder = stage(path, ENCODER, encoder_dtype, no_t5)
+    denoiser, decoder = stage(path, DENOISER), stage(path, DECODER)
     with torch.inference_mode():
-        embeds = wire(encoder.family.encode(encoder.pipe, request))
-        [(latents, params)] = denoiser.family.denoise(denoiser.pipe, [(embeds, request)], lambda step, total: None)
-        latents, params = wire([latents.contiguous(), params])
+        embeds = encoder.family.encode(encoder.pipe, request)
+        embeddings = wire(Embeddings(job_id="e", embeds={k: v.cpu() for k, v in embeds.items()}))
+        job = wire(DenoiseJob(job_id="d", request_id="r", request=request, embeds=embeddings.embeds))
+        [(latents, params)] = denoiser.family.denoise(denoiser.pipe, [(job.embeds, job.request)], lambda s, t: None)
+        denoised = wire(DenoisedLatents(job_id="d", latents=latents.contiguous(), params=params))
         images = []
-        for index in range(request["num_images"]):
-            (image,) = decoder.family.decode(decoder.pipe, latents[index : index + 1], params)
-            png = encode_png(image, {**params, "seed": params["seed"] + index})
+        for index in range(request.num_images):
+            row = denoised.latents[index : index + 1]
+            decode = wire(DecodeJob(job_id="x", request_id="r", params=denoised.params, index=index, latents=row))
+            (image,) = decoder.family.decode(decoder.pipe, decode.latents, decode.params)
+            png = encode_png(image, decode.params, index)
             images.append(Image.open(io.BytesIO(png)).convert("RGB"))
     return images
+
+
+# Each request option and the one pipeline argument it is.
+PIPELINE_ARGUMENT = {
+    "guidance": "guidance_scale",
+    "true_cfg": "true_cfg_scale",
+    "negative_prompt": "negative_prompt",
+    "height": "height",
+    "width": "width",
+}
+
+
+def reference_kwargs(prompt: str, steps: int, options: dict) -> dict:
+    """The diffusers call a request means: every option passed as the pipeline argument of its name."""
+    return {"prompt": prompt, "num_inference_steps": steps, **{PIPELINE_ARGUMENT[k]: v for k, v in options.items()}}
 
 
 def reference_run(path: Path, seed: int, **kwargs) -> Image.Image:

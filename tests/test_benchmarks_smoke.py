@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e  # the transport and CPU benchmarks start a broker and nodes
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # the transport and CPU benchmarks start a broker and nodes
 
 # script -> (result lines it prints, the words one of them must hold)
 SCRIPTS = {

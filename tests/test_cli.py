@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from decoder_node.png import read_metadata
-from tests.cluster import ROOT
+from tests.support import ROOT
 
 pytestmark = pytest.mark.e2e
 

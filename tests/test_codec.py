@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -14,11 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import codec
-from protocol.codec import DTYPES, EXT_TENSOR, INLINE_MAX_BYTES, MAX_DIMS, CodecError
+from protocol.codec import DTYPE_NAMES, EXT_TENSOR, INLINE_MAX_BYTES, MAX_DIMS, CodecError
+from protocol.tensors import ITEMSIZES, WireTensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,8 +51,31 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     return raw.view(dtype).reshape(shape)
 
 
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    return bits(tensor).numpy().tobytes()
+
+
 def roundtrip(obj: object) -> object:
-    return codec.decode(codec.encode(obj))
+    """Encode, then decode with torch tensors rebuilt, as a node does."""
+    return codec.decode(codec.encode(obj), torch_tensors=True)
+
+
+def assert_same_wire_tensor(got: object, want: torch.Tensor) -> None:
+    assert isinstance(got, WireTensor)
+    assert got.dtype == str(want.dtype).removeprefix("torch.")
+    assert got.shape == tuple(want.shape)
+    assert got.data.tobytes() == raw_bytes(want)
+
+
+def run_without_torch(code: str, stdin: bytes = b"") -> bytes:
+    """Run ``code`` in a fresh interpreter that fails unless torch stays unimported; returns its stdout."""
+    script = f"{code}\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=stdin, capture_output=True, env=env, cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
 
 
 def tensor_ext(name: object, shape: object, ref: object) -> msgpack.ExtType:
@@ -59,11 +90,26 @@ def header(obj: object) -> bytes:
 # --- round trips ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_the_allowed_dtypes_are_torch_dtypes_of_the_listed_item_sizes():
+    assert set(DTYPE_NAMES) == set(ITEMSIZES)
+    for name in DTYPE_NAMES:
+        assert torch.empty((), dtype=getattr(torch, name)).element_size() == ITEMSIZES[name]
+
+
+@pytest.mark.parametrize("name", sorted(DTYPE_NAMES))
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 4, 5), (600,)], ids=str)  # (600,) goes in a frame
 def test_every_allowed_dtype_roundtrips_bitwise(name, shape):
-    tensor = random_tensor(DTYPES[name], shape, seed=len(shape))
+    tensor = random_tensor(TORCH_DTYPES[name], shape, seed=len(shape))
     assert_same_tensor(roundtrip({"t": tensor})["t"], tensor)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPE_NAMES))
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (600,), (), (0, 3)], ids=str)
+def test_tensors_decode_to_wire_tensors_unless_torch_tensors_are_asked_for(name, shape):
+    tensor = random_tensor(TORCH_DTYPES[name], shape, seed=3)
+    frames = codec.encode({"t": tensor})
+    assert_same_wire_tensor(codec.decode(frames)["t"], tensor)
+    assert_same_tensor(codec.decode(frames, torch_tensors=True)["t"], tensor)
 
 
 def test_special_float_values_survive_exactly():
@@ -154,27 +200,30 @@ def test_every_large_tensor_gets_its_own_frame_in_order():
     obj = {"a": a, "nested": [small, {"b": b}], "c": c}
     frames = codec.encode(obj)
     assert len(frames) == 4
-    got = codec.decode(frames)
-    assert_same_tensor(got["a"], a)
-    assert_same_tensor(got["nested"][0], small)
-    assert_same_tensor(got["nested"][1]["b"], b)
-    assert_same_tensor(got["c"], c)
+    for torch_tensors, check in ((True, assert_same_tensor), (False, assert_same_wire_tensor)):
+        got = codec.decode(frames, torch_tensors=torch_tensors)
+        check(got["a"], a)
+        check(got["nested"][0], small)
+        check(got["nested"][1]["b"], b)
+        check(got["c"], c)
 
 
 def test_decoded_tensor_shares_memory_with_its_frame():
     tensor = torch.arange(1000, dtype=torch.int32)
     frames = codec.encode(tensor)
     buffer = bytearray(frames[1])
-    got = codec.decode([frames[0], buffer])
+    as_torch = codec.decode([frames[0], buffer], torch_tensors=True)
+    as_wire = codec.decode([frames[0], buffer])
     buffer[0] = 0xFF
-    assert got[0].item() == 0xFF
+    assert as_torch[0].item() == 0xFF
+    assert as_wire.data[0] == 0xFF
 
 
 @pytest.mark.parametrize("as_frame", [bytes, memoryview, bytearray], ids=["bytes", "memoryview", "bytearray"])
 def test_decode_accepts_any_buffer(as_frame):
     tensor = random_tensor(torch.bfloat16, (40, 40))
     frames = [as_frame(bytes(frame)) for frame in codec.encode({"x": tensor, "y": torch.ones(2)})]
-    got = codec.decode(frames)
+    got = codec.decode(frames, torch_tensors=True)
     assert_same_tensor(got["x"], tensor)
     assert_same_tensor(got["y"], torch.ones(2))
 
@@ -200,7 +249,8 @@ def test_decode_zmq_frames_received_without_copy(pair):
     send.send_multipart(codec.encode(obj), copy=False)
     frames = recv.recv_multipart(copy=False)
     assert len(frames) == 2 and all(isinstance(frame, zmq.Frame) for frame in frames)
-    got = codec.decode(frames)
+    assert_same_wire_tensor(codec.decode(frames)["large"], large)
+    got = codec.decode(frames, torch_tensors=True)
     assert_same_tensor(got["large"], large)
     assert_same_tensor(got["small"], small)
     assert got["meta"] == {"id": "x", "n": [1, 2.5, None, b"raw"]}
@@ -234,6 +284,95 @@ def test_numpy_arrays_travel_as_tensors():
 def test_tensor_requiring_grad_is_encoded_detached():
     tensor = torch.randn(3, requires_grad=True)
     assert_same_tensor(roundtrip(tensor * 2), (tensor * 2).detach())
+
+
+# --- WireTensor: what the broker holds and forwards ---------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (40, 40)], ids=["inline", "frame"])
+def test_a_decoded_wire_tensor_re_encodes_to_the_same_frames(shape):
+    tensor = random_tensor(torch.bfloat16, shape, seed=5)
+    frames = [bytes(f) for f in codec.encode({"t": tensor, "n": 1})]
+    again = codec.encode(codec.decode(frames))
+    assert [bytes(f) for f in again] == frames
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "length"),
+    [("float32", (2, 3), 23), ("float32", (2, 3), 25), ("int64", (), 4), ("bool", (0,), 1), ("bfloat16", (4,), 4)],
+    ids=str,
+)
+def test_a_wire_tensor_refuses_bytes_that_do_not_fill_its_shape(dtype, shape, length):
+    with pytest.raises(ValueError, match="bytes do not hold"):
+        WireTensor(dtype, shape, memoryview(bytes(length)))
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "bool", "int64", "uint8"])
+@pytest.mark.parametrize(
+    ("shape", "start", "stop"),
+    [((5, 3), 0, 5), ((5, 3), 1, 2), ((5, 3), 4, 5), ((5, 3), 2, 2), ((300, 2), 100, 250), ((7,), 3, 6), ((4, 0), 1, 3)],
+    ids=str,
+)
+def test_wire_tensor_rows_equal_torch_slicing(name, shape, start, stop):
+    tensor = random_tensor(TORCH_DTYPES[name], shape, seed=start + stop)
+    wire = codec.decode(codec.encode(tensor))
+    rows = wire.rows(start, stop)
+    assert_same_wire_tensor(rows, tensor[start:stop])
+    assert_same_tensor(rows.to_torch(), tensor[start:stop])
+    # ... and the rows travel on as a tensor of their own.
+    assert_same_tensor(roundtrip({"rows": rows})["rows"], tensor[start:stop])
+
+
+def test_wire_tensor_rows_are_a_view_of_the_received_bytes():
+    tensor = torch.arange(400, dtype=torch.int32).reshape(100, 4)
+    frames = codec.encode(tensor)
+    buffer = bytearray(frames[1])
+    rows = codec.decode([frames[0], buffer]).rows(10, 12)
+    buffer[10 * 16] = 0xAB  # the first byte of row 10
+    assert rows.data[0] == 0xAB
+    assert rows.to_torch()[0, 0].item() == 0xAB
+
+
+@pytest.mark.parametrize(("start", "stop"), [(-1, 1), (2, 1), (0, 6), (6, 6)], ids=str)
+def test_wire_tensor_rows_out_of_range_are_refused(start, stop):
+    wire = codec.decode(codec.encode(torch.zeros(5, 2)))
+    with pytest.raises(IndexError):
+        wire.rows(start, stop)
+
+
+def test_a_zero_dim_wire_tensor_has_no_rows():
+    with pytest.raises(IndexError):
+        codec.decode(codec.encode(torch.tensor(1.5))).rows(0, 1)
+
+
+def test_decoding_a_message_with_tensors_imports_no_torch():
+    frames = codec.encode({"kind": "x", "small": torch.arange(4, dtype=torch.int16), "large": torch.ones(3, 200)})
+    stdin = msgpack.packb([bytes(f) for f in frames])
+    code = """
+import sys, msgpack
+import protocol.messages, protocol.codec
+from protocol.tensors import WireTensor
+frames = msgpack.unpackb(sys.stdin.buffer.read())
+body = protocol.codec.decode(frames)
+assert isinstance(body["small"], WireTensor) and body["small"].shape == (4,) and body["small"].dtype == "int16"
+assert isinstance(body["large"], WireTensor) and body["large"].shape == (3, 200)
+sys.stdout.buffer.write(msgpack.packb([bytes(f) for f in protocol.codec.encode(body)]))
+"""
+    assert msgpack.unpackb(run_without_torch(code, stdin)) == msgpack.unpackb(stdin)
+
+
+def test_wire_tensor_rows_are_sliced_and_re_encoded_without_torch():
+    latents = random_tensor(torch.float32, (3, 4, 8, 8), seed=11)  # (num_images, C, h, w), in its own frame
+    stdin = msgpack.packb([bytes(f) for f in codec.encode(latents)])
+    code = """
+import sys, msgpack
+import protocol.codec
+frames = msgpack.unpackb(sys.stdin.buffer.read())
+rows = [protocol.codec.decode(frames).rows(i, i + 1) for i in range(3)]
+sys.stdout.buffer.write(msgpack.packb([[bytes(f) for f in protocol.codec.encode(row)] for row in rows]))
+"""
+    for i, frames in enumerate(msgpack.unpackb(run_without_torch(code, stdin))):
+        assert_same_tensor(codec.decode(frames, torch_tensors=True), latents[i : i + 1])
 
 
 # --- encoding refusals ------------------------------------------------------------------------
@@ -277,7 +416,8 @@ def test_valid_hand_made_message_decodes():
     data = np.arange(6, dtype=np.float32).tobytes()
     frames = [header({"a": tensor_ext("float32", [2, 3], data), "b": tensor_ext("float32", [2, 3], 1)}), data]
     got = codec.decode(frames)
-    assert got["a"].tolist() == got["b"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert got["a"] == got["b"] == WireTensor("float32", (2, 3), memoryview(data))
+    assert got["a"].to_torch().tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 @pytest.mark.parametrize("name", ["complex64", "float128", "object", "Float32", "", 5, None, b"float32"])
@@ -406,7 +546,7 @@ def test_decode_refuses_a_spec_that_is_not_msgpack():
 
 @st.composite
 def tensors(draw) -> torch.Tensor:
-    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    dtype = TORCH_DTYPES[draw(st.sampled_from(sorted(DTYPE_NAMES)))]
     shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
     if draw(st.booleans()):  # a size that needs its own frame
         shape = (*shape[:1], draw(st.integers(100, 700)))
@@ -424,7 +564,10 @@ def tensors(draw) -> torch.Tensor:
 def test_property_random_tensors_roundtrip_exactly(tensor):
     frames = codec.encode({"t": tensor})
     assert len(frames) == (1 if tensor.numel() * tensor.element_size() <= INLINE_MAX_BYTES else 2)
-    assert_same_tensor(codec.decode(frames)["t"], tensor)
+    assert_same_tensor(codec.decode(frames, torch_tensors=True)["t"], tensor)
+    wire = codec.decode(frames)["t"]
+    assert_same_wire_tensor(wire, tensor)
+    assert [bytes(f) for f in codec.encode({"t": wire})] == [bytes(f) for f in frames]  # forwarded as received
 
 
 def _valid_message() -> list[bytes]:
@@ -466,8 +609,9 @@ def mutated_frames(draw) -> list[bytes | bytearray]:
 @FAST
 @given(mutated_frames())
 def test_property_mutated_messages_decode_or_raise_codec_error(frames):
-    with contextlib.suppress(CodecError):  # anything else fails the test
-        codec.decode(frames)
+    for torch_tensors in (False, True):
+        with contextlib.suppress(CodecError):  # anything else fails the test
+            codec.decode(frames, torch_tensors=torch_tensors)
 
 
 @FAST

@@ -8,7 +8,7 @@ import pytest
 
 from decoder_node.png import read_metadata
 from protocol.messages import SERVICES
-from tests.conftest import max_pixel_difference
+from tests.support import max_pixel_difference, node_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -112,8 +112,6 @@ def _weights_bytes(folder: Path) -> int:
 
 
 def test_each_node_holds_only_its_own_weights(cluster, checkpoints):
-    from tests.cluster import node_pid
-
     with cluster.client() as client:  # make every node do real work first
         for model in ("sd-tiny", "sd-bigtext"):
             client.generate(PROMPT, model=model, steps=2, seed=1)

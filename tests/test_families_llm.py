@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.family_parity import max_difference, pipeline, reference_run, request_dict, split_run, stage, wire
-from tests.test_families import family_checkpoint  # noqa: F401  (a fixture)
-from triptych.families import DECODE, DENOISE, ENCODE
+from protocol.stages import DECODER, DENOISER, ENCODER
+from tests.family_parity import (
+    max_difference,
+    pipeline,
+    reference_kwargs,
+    reference_run,
+    request_spec,
+    split_run,
+    stage,
+    wire,
+)
 
 PROMPT = "a watercolor of a heron"
 
@@ -33,26 +41,19 @@ CASES = {
     "sana": {"height": 256, "width": 192, "guidance": 4.0, "negative_prompt": "blurry"},
     "flux2": {"height": 64, "width": 96, "guidance": 2.5},  # guidance-distilled: no negative prompt
     "flux2-klein": {"height": 96, "width": 64, "guidance": 4.0},  # diffusers' klein fixes the negative at ""
-    "qwenimage": {"height": 64, "width": 96, "guidance": 4.0, "negative_prompt": "blurry"},
+    "qwenimage": {"height": 64, "width": 96, "true_cfg": 4.0, "negative_prompt": "blurry"},
     "zimage": {"height": 96, "width": 64, "guidance": 4.0, "negative_prompt": "blurry"},
 }
-
-# How triptych's guidance reaches each pipeline.
-GUIDANCE_ARGUMENT = {
-    "sana": "guidance_scale",
-    "flux2": "guidance_scale",
-    "flux2-klein": "guidance_scale",
-    "qwenimage": "true_cfg_scale",
-    "zimage": "guidance_scale",
+# The same families the other way round: a negative prompt where there was none, none where there was one.
+OTHER_WAY = {
+    "sana": {"height": 192, "width": 256, "guidance": 4.0},
+    "qwenimage": {"height": 96, "width": 64, "true_cfg": 4.0},  # no negative prompt: no true CFG runs
+    "zimage": {"height": 64, "width": 96, "guidance": 4.0},
 }
 
 
 def _reference_kwargs(family: str, options: dict) -> dict:
-    kwargs = {"prompt": PROMPT, "num_inference_steps": 3, "height": options["height"], "width": options["width"]}
-    kwargs[GUIDANCE_ARGUMENT[family]] = options["guidance"]
-    if "negative_prompt" in options:
-        kwargs["negative_prompt"] = options["negative_prompt"]
-    return kwargs
+    return reference_kwargs(PROMPT, 3, options)
 
 
 def _assert_matches(path: Path, images: list, seed: int, **kwargs) -> None:
@@ -63,18 +64,37 @@ def _assert_matches(path: Path, images: list, seed: int, **kwargs) -> None:
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_split_equals_diffusers(family_checkpoint, family):  # noqa: F811
+def test_split_equals_diffusers(family_checkpoint, family):
     path = family_checkpoint(family)
     options = CASES[family]
-    request = request_dict(path.name, prompt=PROMPT, steps=3, seed=21, num_images=2, **options)
+    request = request_spec(path.name, prompt=PROMPT, steps=3, seed=21, num_images=2, **options)
     _assert_matches(path, split_run(path, request), 21, **_reference_kwargs(family, options))
 
 
-def test_flux2_klein_negative_prompt(family_checkpoint):  # noqa: F811
+@pytest.mark.parametrize("family", list(OTHER_WAY))
+def test_split_equals_diffusers_the_other_way_round(family_checkpoint, family):
+    path = family_checkpoint(family)
+    options = OTHER_WAY[family]
+    request = request_spec(path.name, prompt=PROMPT, steps=3, seed=11, num_images=2, **options)
+    _assert_matches(path, split_run(path, request), 11, **_reference_kwargs(family, options))
+
+
+def test_flux2_negative_prompt_is_ignored_as_by_its_pipeline(family_checkpoint):
+    """Flux2Pipeline takes no negative prompt: the image is made without one, and the client is told."""
+    path = family_checkpoint("flux2")
+    options = {"height": 64, "width": 64, "guidance": 2.5}
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=2, num_images=2, negative_prompt="blurry", **options)
+    denoiser = stage(path, DENOISER)
+    [warning] = denoiser.family.warnings(denoiser.pipe, request)
+    assert "negative prompt is ignored" in warning
+    _assert_matches(path, split_run(path, request), 2, **reference_kwargs(PROMPT, 2, options))
+
+
+def test_flux2_klein_negative_prompt(family_checkpoint):
     """klein's negative prompt is what diffusers does given that prompt's embeddings as the negative."""
     path = family_checkpoint("flux2-klein")
     options = {"height": 64, "width": 96, "guidance": 3.0, "negative_prompt": "blurry"}
-    request = request_dict(path.name, prompt=PROMPT, steps=3, seed=5, num_images=2, **options)
+    request = request_spec(path.name, prompt=PROMPT, steps=3, seed=5, num_images=2, **options)
     pipe = pipeline(path)
     with torch.inference_mode():
         negative, _ = pipe.encode_prompt("blurry", device=pipe.device)
@@ -93,18 +113,18 @@ def test_flux2_klein_negative_prompt(family_checkpoint):  # noqa: F811
 
 # family -> (request options that turn guidance off, the same for diffusers)
 UNGUIDED = {
-    "qwenimage": ({"guidance": 4.0}, {"true_cfg_scale": 4.0}),  # no negative prompt, no true CFG
+    "qwenimage": ({"true_cfg": 4.0}, {"true_cfg_scale": 4.0}),  # no negative prompt, no true CFG
     "zimage": ({"guidance": 0.0, "negative_prompt": "blurry"}, {"guidance_scale": 0.0, "negative_prompt": "blurry"}),
     "sana": ({"guidance": 1.0}, {"guidance_scale": 1.0}),
 }
 
 
 @pytest.mark.parametrize("family", list(UNGUIDED))
-def test_without_guidance_no_negative_is_encoded(family_checkpoint, family):  # noqa: F811
+def test_without_guidance_no_negative_is_encoded(family_checkpoint, family):
     path = family_checkpoint(family)
     options, reference = UNGUIDED[family]
-    request = request_dict(path.name, prompt=PROMPT, steps=2, seed=3, num_images=2, height=64, width=64, **options)
-    encoder = stage(path, ENCODE)
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=3, num_images=2, height=64, width=64, **options)
+    encoder = stage(path, ENCODER)
     with torch.inference_mode():
         embeds = encoder.family.encode(encoder.pipe, request)
     assert not any(name.startswith("negative_") for name in embeds)
@@ -113,30 +133,31 @@ def test_without_guidance_no_negative_is_encoded(family_checkpoint, family):  # 
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_encoder_runs_in_bfloat16(family_checkpoint, family):  # noqa: F811
+def test_encoder_runs_in_bfloat16(family_checkpoint, family):
     path = family_checkpoint(family)
-    request = request_dict(path.name, prompt=PROMPT, steps=2, seed=1, **CASES[family])
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=1, **CASES[family])
     (image,) = split_run(path, request, encoder_dtype=torch.bfloat16)
     assert image.size == (CASES[family]["width"], CASES[family]["height"])
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_denoiser_knows_the_vae_scale_without_a_vae(family_checkpoint, family):  # noqa: F811
+def test_denoiser_knows_the_vae_scale_without_a_vae(family_checkpoint, family):
     path = family_checkpoint(family)
-    denoiser, whole = stage(path, DENOISE).pipe, pipeline(path)
+    denoiser, whole = stage(path, DENOISER).pipe, pipeline(path)
     assert denoiser.vae_scale_factor == whole.vae_scale_factor
     assert denoiser.image_processor.config.vae_scale_factor == whole.image_processor.config.vae_scale_factor
 
 
 @pytest.mark.parametrize("family", ["zimage", "qwenimage"])
-def test_prompts_of_different_lengths_batch_like_alone(family_checkpoint, family):  # noqa: F811
+def test_prompts_of_different_lengths_batch_like_alone(family_checkpoint, family):
     """Ragged prompts share one denoising batch, and each request gets what it gets alone."""
     path = family_checkpoint(family)
-    encoder, denoiser, decoder = stage(path, ENCODE), stage(path, DENOISE), stage(path, DECODE)
+    encoder, denoiser, decoder = stage(path, ENCODER), stage(path, DENOISER), stage(path, DECODER)
     prompts = ("a cat", "a beautiful detailed painting of a red fox in a dark forest at the sea")
-    options = {"height": 64, "width": 96, "guidance": 4.0, "negative_prompt": "blurry"}
+    guidance = {"true_cfg": 4.0} if family == "qwenimage" else {"guidance": 4.0}
+    options = {"height": 64, "width": 96, "negative_prompt": "blurry", **guidance}
     requests = [
-        request_dict(path.name, prompt=prompt, steps=2, seed=9 + i, num_images=1 + i, **options)
+        request_spec(path.name, prompt=prompt, steps=2, seed=9 + i, num_images=1 + i, **options)
         for i, prompt in enumerate(prompts)
     ]
     with torch.inference_mode():
@@ -154,7 +175,7 @@ def test_prompts_of_different_lengths_batch_like_alone(family_checkpoint, family
         for request, batched, single in zip(requests, together, alone, strict=True):
             assert batched.shape == single.shape
             params = denoiser.family.resolve_params(denoiser.pipe, request)
-            for index in range(request["num_images"]):
+            for index in range(request.num_images):
                 (a,) = decoder.family.decode(decoder.pipe, batched[index : index + 1], params)
                 (b,) = decoder.family.decode(decoder.pipe, single[index : index + 1], params)
-                assert max_difference(a, b) <= 1, f"{request['prompt']!r} image {index}"
+                assert max_difference(a, b) <= 1, f"{request.prompt!r} image {index}"

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from protocol.messages import SERVICES, ProgressEvent
-from tests.cluster import ProcessCluster, node_pid, serving
-from tests.conftest import max_pixel_difference
+from tests.support import ProcessCluster, max_pixel_difference, node_pid, serving
 
 pytestmark = pytest.mark.e2e
 

@@ -18,22 +18,26 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import anyio
 import openai
 import pytest
 from PIL import Image
 
 from decoder_node.png import read_metadata
+from protocol import errors
 from protocol.messages import StatusReply
-from tests.cluster import ROOT, free_port
-from tests.conftest import max_pixel_difference
-from tests.test_metrics import metric, scrape
-from triptych.client import GeneratedImage, GenerationCancelled, GenerationError
+from protocol.validation import MAX_GUIDANCE
+from tests.support import ROOT, free_port, max_pixel_difference
+from triptych.client import BROKER_UNAVAILABLE, GeneratedImage, GenerationCancelled, GenerationError
 from triptych.http import (
     MAX_BODY_BYTES,
+    STATUSES,
     ApiError,
+    ClientPool,
     ImageStore,
+    ModelCatalog,
     create_app,
-    error_from_broker,
+    error_from_failure,
     parse_generation,
     read_api_keys,
 )
@@ -52,14 +56,35 @@ def bad_param(body: dict) -> str | None:
     return caught.value.param
 
 
+def failure(message: str, code: str, field: str | None = None) -> GenerationError:
+    return GenerationError(message, code=code, field=field)
+
+
 def test_fields_map_onto_a_request():
     params = parse_generation(
         {"prompt": "p", "model": "m", "n": 3, "size": "64x96", "seed": 7, "num_inference_steps": 4, "guidance_scale": 5}
     )
     assert (params.width, params.height, params.n, params.seed, params.steps) == (64, 96, 3, 7, 4)
-    assert params.guidance == 5.0 and params.response_format == "b64_json"
+    assert params.guidance == 5.0 and params.true_cfg is None and params.response_format == "b64_json"
     defaults = parse_generation({"prompt": "p", "size": "auto", "quality": "hd", "user": "someone"})  # others ignored
     assert (defaults.model, defaults.n, defaults.width, defaults.seed, defaults.steps) == ("", 1, None, None, None)
+    assert (defaults.guidance, defaults.true_cfg) == (None, None)
+
+
+def test_true_cfg_scale_is_its_own_option():
+    params = parse_generation({"prompt": "p", "guidance_scale": 3.5, "true_cfg_scale": 4})
+    assert (params.guidance, params.true_cfg) == (3.5, 4.0) and isinstance(params.true_cfg, float)
+    assert parse_generation({"prompt": "p", "true_cfg_scale": 0}).true_cfg == 0.0
+    assert parse_generation({"prompt": "p", "true_cfg_scale": MAX_GUIDANCE}).true_cfg == MAX_GUIDANCE
+
+
+@pytest.mark.parametrize("name", ["guidance_scale", "true_cfg_scale"])
+@pytest.mark.parametrize("value", [-0.5, MAX_GUIDANCE + 1, float("nan"), float("inf"), "high", True, [1]])
+def test_a_guidance_scale_must_be_a_finite_number_in_range(name, value):
+    with pytest.raises(ApiError) as caught:
+        parse_generation({"prompt": "p", name: value})
+    assert (caught.value.status, caught.value.param) == (400, name)
+    assert caught.value.message.startswith(f"{name} must be")
 
 
 @pytest.mark.parametrize(
@@ -80,6 +105,7 @@ def test_fields_map_onto_a_request():
         ({"seed": 1.5}, "seed"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"true_cfg_scale": -1}, "true_cfg_scale"),
         ({"negative_prompt": ["a"]}, "negative_prompt"),
         ({"user": 7}, "user"),
         ({"user": "u" * 257}, "user"),
@@ -91,19 +117,95 @@ def test_a_bad_field_is_named(change, param):
     assert bad_param({"prompt": "p", **change}) == param
 
 
-def test_broker_errors_become_http_statuses():
-    def status(message: str, **kwargs) -> tuple[int, str | None]:
-        error = error_from_broker(GenerationError(message, **kwargs))
-        return error.status, error.param
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (errors.INVALID_REQUEST, 400),
+        (errors.UNKNOWN_MODEL, 404),
+        (errors.CANCELLED, 499),
+        (errors.MODEL_ERROR, 500),
+        (errors.NO_NODE, 503),
+        (errors.BUSY, 503),
+        (errors.OUT_OF_MEMORY, 503),
+        (BROKER_UNAVAILABLE, 503),
+        (errors.TIMEOUT, 504),
+        ("a_code_from_a_newer_broker", 500),
+    ],
+)
+def test_each_failure_code_has_its_status(code, status):
+    error = error_from_failure(failure("it failed", code))
+    assert error.status == status
+    assert error.kind == ("invalid_request_error" if status < 500 else "server_error")
+    if code != errors.CANCELLED:
+        assert error.message == "it failed"
 
-    assert status("no denoiser node serves model m") == (503, None)
-    assert status("broker busy (1000 requests in flight), retry later", retryable=True) == (503, None)
-    assert status("timed out after 300s") == (504, None)
-    assert status("the broker at tcp://x:1 did not answer: is it running?") == (503, None)
-    assert status("the broker serves several models (a, b): name one") == (400, "model")
-    assert status("denoiser h:1 failed: ValueError: height must be a multiple of 16 for x (got 200)") == (400, "size")
-    assert status("decoder h:1 failed: RuntimeError: boom") == (500, None)
-    assert error_from_broker(GenerationCancelled("cancelled")).status == 499
+
+def test_every_protocol_code_is_mapped():
+    assert set(errors.CODES) | {BROKER_UNAVAILABLE} == set(STATUSES)
+
+
+@pytest.mark.parametrize(
+    ("field", "param"),
+    [
+        ("height", "size"),
+        ("width", "size"),
+        ("num_images", "n"),
+        ("steps", "num_inference_steps"),
+        ("guidance", "guidance_scale"),
+        ("true_cfg", "true_cfg_scale"),
+        ("prompt", "prompt"),
+        ("negative_prompt", "negative_prompt"),
+        ("seed", "seed"),
+        ("model", "model"),
+        (None, None),
+    ],
+)
+def test_an_invalid_request_names_the_body_field(field, param):
+    error = error_from_failure(failure("height must be a multiple of 16 (got 200)", errors.INVALID_REQUEST, field))
+    assert (error.status, error.param, error.code) == (400, param, errors.INVALID_REQUEST)
+
+
+def test_failure_codes_come_back_in_the_body():
+    unknown = error_from_failure(failure("no node serves model x", errors.UNKNOWN_MODEL, "model"))
+    assert (unknown.status, unknown.param, unknown.code) == (404, "model", "model_not_found")  # OpenAI's code
+    busy = error_from_failure(failure("broker busy", errors.BUSY, "model"))
+    assert (busy.param, busy.code) == (None, errors.BUSY)  # param names a field to fix: 4xx only
+    cancelled = error_from_failure(GenerationCancelled())
+    assert (cancelled.status, cancelled.code) == (499, errors.CANCELLED)
+    assert error_from_failure(RuntimeError("no code at all")).code == errors.MODEL_ERROR
+
+
+def test_the_text_of_a_failure_decides_nothing():
+    error = error_from_failure(failure("timed out after 300s: no denoiser node serves it, busy", errors.MODEL_ERROR))
+    assert (error.status, error.code) == (500, errors.MODEL_ERROR)
+
+
+def test_a_model_is_named_when_several_are_served():
+    class TwoModels:
+        def status(self) -> StatusReply:
+            nodes = [{"service": "denoiser", "model": name, "node": "h:1"} for name in ("b", "a")]
+            return StatusReply(request_id="s", nodes=nodes)
+
+        def close(self) -> None:
+            pass
+
+    async def call(fn):
+        return fn()
+
+    catalog = ModelCatalog(ClientPool(TwoModels), call)
+    assert anyio.run(catalog.resolve, "b") == "b"
+    for model, status, code, says in [("", 400, "invalid_value", "(a, b)"), ("c", 404, "model_not_found", "a, b")]:
+        with pytest.raises(ApiError) as caught:
+            anyio.run(catalog.resolve, model)
+        assert (caught.value.status, caught.value.param, caught.value.code) == (status, "model", code)
+        assert says in caught.value.message
+
+
+def test_the_gateway_loads_no_model_library():
+    code = "import sys, triptych.http; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_image_store_keeps_the_newest_within_its_budget():
@@ -122,12 +224,14 @@ class FakeClient:
 
     outcome: GenerationError | None = None
     users: list[str] = []  # the user each generate call named
+    options: list[dict] = []  # the other options of each generate call
 
     def status(self, timeout: float = 5.0) -> StatusReply:
         return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1"}])
 
     def generate(self, prompt: str, *, model: str, num_images: int, seed: int | None, **options) -> list:
-        FakeClient.users.append(options.get("user", ""))
+        FakeClient.users.append(options.pop("user", ""))
+        FakeClient.options.append(options)
         if FakeClient.outcome is not None:
             raise FakeClient.outcome
         return [GeneratedImage(index=i, seed=(seed or 0) + i, png=f"{model}:{i}".encode()) for i in range(num_images)]
@@ -174,22 +278,48 @@ def post(url: str, body: object, headers: dict[str, str] | None = None) -> tuple
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "code"),
+    ("error", "status", "param", "code"),
     [
-        (GenerationError("timed out after 300s"), 504, "timeout"),
-        (GenerationError("no decoder node serves model m"), 503, "no_node"),
-        (GenerationError("broker busy (1000 requests in flight), retry later", retryable=True), 503, "busy"),
-        (GenerationError("decoder h:1 failed: RuntimeError: boom"), 500, "generation_failed"),
+        (failure("timed out after 300s", errors.TIMEOUT), 504, None, "timeout"),
+        (failure("no decoder node serves model m", errors.NO_NODE), 503, None, "no_node"),
+        (failure("broker busy (1000 requests in flight), retry later", errors.BUSY), 503, None, "busy"),
+        (failure("denoiser h:1 ran out of GPU memory", errors.OUT_OF_MEMORY), 503, None, "out_of_memory"),
+        (failure("decoder h:1 failed: RuntimeError: boom", errors.MODEL_ERROR), 500, None, "model_error"),
+        (
+            failure("height must be a multiple of 16 for m (got 200)", errors.INVALID_REQUEST, "height"),
+            400,
+            "size",
+            "invalid_request",
+        ),
+        (
+            failure("m has no true_cfg_scale", errors.INVALID_REQUEST, "true_cfg"),
+            400,
+            "true_cfg_scale",
+            "invalid_request",
+        ),
     ],
 )
-def test_a_failed_request_comes_back_in_openai_shape(fake_gateway, error, status, code):
+def test_a_failed_request_comes_back_in_openai_shape(fake_gateway, error, status, param, code):
     FakeClient.outcome = error
     try:
         got, body = post(f"{fake_gateway}/v1/images/generations", {"prompt": "p", "model": "m"})
     finally:
         FakeClient.outcome = None
     assert got == status
-    assert body == {"error": {"message": str(error), "type": "server_error", "param": None, "code": code}}
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    assert body == {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
+
+
+def test_guidance_options_reach_the_client_as_named(fake_gateway):
+    FakeClient.options.clear()
+    body = {"prompt": "p", "guidance_scale": 3.5, "true_cfg_scale": 4.0, "num_inference_steps": 8}
+    status, _ = post(f"{fake_gateway}/v1/images/generations", body)
+    assert status == 200
+    (options,) = FakeClient.options
+    assert (options["guidance"], options["true_cfg"], options["steps"]) == (3.5, 4.0, 8)
+    status, answer = post(f"{fake_gateway}/v1/images/generations", {"prompt": "p", "true_cfg_scale": -1})
+    assert (status, answer["error"]["param"]) == (400, "true_cfg_scale")
+    assert len(FakeClient.options) == 1  # refused before any broker call
 
 
 def test_the_only_model_is_used_when_none_is_named(fake_gateway):
@@ -377,6 +507,8 @@ def test_url_response_format_serves_the_png(sdk):
 
 @pytest.mark.e2e
 def test_a_client_that_hangs_up_cancels_the_work(gateway, cluster):
+    from tests.support import metric, scrape  # broker-side test helpers: the gateway's own tests need none
+
     def in_flight() -> int:
         with cluster.client() as client:
             return client.status().requests_in_flight

@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import messages
 from protocol.broker_core import BrokerCore
@@ -32,7 +30,7 @@ from protocol.messages import (
     WorkerReady,
 )
 from protocol.metrics import PrometheusMetrics, clean_stats, host_of
-from tests.cluster import ROOT
+from tests.support import ROOT, metric, scrape
 from triptych.client import GenerationCancelled, GenerationError
 from triptych.status import format_status
 
@@ -171,20 +169,6 @@ def test_status_table_lists_nodes_and_queues():
 
 
 # --- a real cluster ---------------------------------------------------------------------------
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def status_cli(cluster, *args: str) -> subprocess.CompletedProcess:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT, ProcessCluster
-from tests.conftest import max_pixel_difference
+from tests.support import ROOT, ProcessCluster, max_pixel_difference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 

@@ -15,7 +15,7 @@ from protocol import messages
 from protocol.codec import CodecError
 from protocol.messages import GenerateRequest, JobAssign, JobCancel, JobDone, JobFailed, WorkerReady
 from protocol.worker import describe_error
-from tests.cluster import ProcessCluster
+from tests.support import ProcessCluster
 
 pytestmark = pytest.mark.e2e
 

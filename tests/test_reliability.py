@@ -20,7 +20,7 @@ import zmq
 
 from protocol import messages
 from protocol.messages import SERVICES, GenerateRequest, JobDone, WorkerReady
-from tests.cluster import ROOT, ProcessCluster, free_port, node_pid, serving
+from tests.support import ROOT, ProcessCluster, free_port, node_pid, serving
 from triptych.client import Client, GenerationError
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ import pytest
 
 from protocol.messages import SERVICES
 from protocol.security import Curve, generate_keys
-from tests.cluster import ROOT, ProcessCluster
+from tests.support import ROOT, ProcessCluster, free_port
 from triptych.client import Client, GenerationError
 
 pytestmark = pytest.mark.e2e
@@ -112,8 +112,6 @@ def test_up_with_curve_serves_authorized_clients_only(checkpoints, keys, tmp_pat
     """`triptych up` with the broker's keys: outside clients need an authorized key, its own nodes get one."""
     import os
     import signal
-
-    from tests.cluster import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "triptych", "up", "--model", str(checkpoints[MODEL]), "--bind", address]

@@ -17,16 +17,19 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.messages import DECODER, DENOISER, ENCODER, ProgressEvent
-from triptych.client import DEFAULT_BROKER, Client, GeneratedImage, GenerationError
-from triptych.node import (
+from protocol.messages import ProgressEvent
+from protocol.stages import DECODER, DENOISER, ENCODER
+from triptych.client import Client, GeneratedImage, GenerationError
+from triptych.flags import (
+    DEFAULT_BROKER,
+    add_broker_argument,
     add_curve_client_arguments,
-    add_node_arguments,
+    add_curve_server_arguments,
+    add_log_level,
     configure_logging,
     curve_from_args,
-    exit_with_parent,
-    serve,
 )
+from triptych.nodes import ENTRY_POINTS, node_main
 
 if TYPE_CHECKING:
     from triptych.launcher import ClusterCurve
@@ -38,18 +41,21 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--negative-prompt", help="what not to draw")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's pipeline default)")
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's pipeline default)")
+    parser.add_argument(
+        "--guidance", type=float, help="the pipeline's guidance_scale (default: the model's pipeline default)"
+    )
+    parser.add_argument(
+        "--true-cfg",
+        type=float,
+        help="the pipeline's true_cfg_scale, for pipelines that have one (FLUX.1, Qwen-Image); default: theirs",
+    )
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up (default 300)")
-    _add_log_level(parser, "WARNING")
-
-
-def _add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
-    parser.add_argument("--log-level", default=default, help=f"logging level (default {default})")
+    add_log_level(parser, "WARNING")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,48 +67,48 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument(
         "--max-requests", type=int, default=1000, help="requests in flight before new ones get 'busy' (default 1000)"
     )
-    broker.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
-    broker.add_argument("--curve-authorized", type=Path, help="folder of the public keys (*.key) allowed in")
+    add_curve_server_arguments(broker, "folder of the public keys (*.key) allowed in")
     broker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     broker.add_argument("--metrics-host", help="address for the metrics (default: the host of --bind)")
-    _add_log_level(broker)
+    add_log_level(broker)
 
     keygen = commands.add_parser("keygen", help="write a CURVE key pair (zmq.auth format)")
     keygen.add_argument("--dir", required=True, type=Path, help="folder for the key files")
     keygen.add_argument("--name", required=True, help="writes NAME.key (public) and NAME.key_secret")
-    _add_log_level(keygen)
+    add_log_level(keygen)
 
     for service, text in (
         (ENCODER, "serve a model's text encoders (CPU)"),
         (DENOISER, "serve a model's UNet/transformer (the GPU node)"),
         (DECODER, "serve a model's VAE decoder (CPU)"),
     ):
-        add_node_arguments(commands.add_parser(service, help=text), service)
+        # Parsed by the node's own entry point (see main); listed here for `triptych --help`.
+        node = commands.add_parser(service, help=text, add_help=False)
+        node.add_argument("node_args", nargs=argparse.REMAINDER)
 
     up = commands.add_parser("up", help="a broker and one node of each kind on this machine")
     up.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
     up.add_argument("--name", help="name the model is served under")
     up.add_argument("--bind", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
-    up.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
-    up.add_argument("--curve-authorized", type=Path, help="folder of the public keys (*.key) of outside clients")
+    add_curve_server_arguments(up, "folder of the public keys (*.key) of outside clients")
     _add_device_options(up)
-    _add_log_level(up)
+    add_log_level(up)
 
     generate = commands.add_parser("generate", help="make images through a running broker")
     _add_generate_options(generate)
-    generate.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    add_broker_argument(generate)
     generate.add_argument("--model", default="", help="model name (default: the broker's only model)")
     add_curve_client_arguments(generate)
 
     status = commands.add_parser("status", help="nodes, queues and requests in flight at a broker")
-    status.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    add_broker_argument(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
     add_curve_client_arguments(status)
-    _add_log_level(status, "WARNING")
+    add_log_level(status, "WARNING")
 
     http = commands.add_parser("http", help="an OpenAI-compatible images API in front of a broker")
-    http.add_argument("--broker", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
+    add_broker_argument(http)
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     http.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-keys", metavar="FILE", help="require one of the keys in FILE (one per line) as a Bearer token"
     )
     add_curve_client_arguments(http)
-    _add_log_level(http)
+    add_log_level(http)
 
     run = commands.add_parser("run", help="up + generate + shut down, in one command")
     _add_generate_options(run)
@@ -135,6 +141,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from protocol.broker import Broker
     from protocol.broker_core import BrokerCore
     from protocol.security import Curve, KeyFileError
+    from triptych.node_runner import exit_with_parent
 
     keep_freed_buffers()
     stop = threading.Event()
@@ -236,6 +243,7 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 negative_prompt=args.negative_prompt,
                 steps=args.steps,
                 guidance=args.guidance,
+                true_cfg=args.true_cfg,
                 height=args.height,
                 width=args.width,
                 seed=seed,
@@ -251,6 +259,8 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
         print("triptych: cancelled", file=sys.stderr)
         return 130
     progress.close()
+    for warning in dict.fromkeys(w for image in images for w in image.warnings):
+        print(f"triptych: warning: {warning}", file=sys.stderr)
     for image in images:
         print(_write(image, out, args.prompt), flush=True)
     return 0
@@ -332,12 +342,13 @@ def _on_signals(stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ENTRY_POINTS:  # a node parses its own flags
+        return node_main(argv[0])(argv[1:], f"triptych {argv[0]}")
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     if args.command == "broker":
         return cmd_broker(args)
-    if args.command in (ENCODER, DENOISER, DECODER):
-        return serve(args.command, args)
     if args.command == "keygen":
         return cmd_keygen(args)
     if args.command == "up":

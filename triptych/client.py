@@ -8,6 +8,7 @@ with Client("tcp://gpu-box:5555") as client:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import zmq
 
-from protocol import messages
+from protocol import errors, messages
 from protocol.codec import CodecError
 from protocol.messages import (
     CancelRequest,
@@ -32,24 +33,36 @@ from protocol.messages import (
 )
 from protocol.security import Curve
 from protocol.sockets import connect_dealer
+from triptych.flags import DEFAULT_BROKER
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+BROKER_UNAVAILABLE = "broker_unavailable"  # the client's own code: no answer from the broker at all
 RESEND_INTERVAL = 3.0  # seconds of silence about a request before it is sent again
 CANCEL_POLL = 0.1  # seconds between looks at a generate call's cancel event
 
 
 class GenerationError(RuntimeError):
-    """A request failed; the message names the cause."""
+    """A request failed; the message names the cause, ``code`` says what kind of failure it is.
 
-    def __init__(self, message: str, retryable: bool = False) -> None:
+    ``code`` is one of :data:`protocol.errors.CODES` (or ``broker_unavailable``), ``field`` the
+    request option at fault (``"height"``, ``"true_cfg"``...) where there is one.
+    """
+
+    def __init__(
+        self, message: str, retryable: bool = False, code: str = errors.MODEL_ERROR, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.code = code
+        self.field = field
 
 
 class GenerationCancelled(GenerationError):
     """The caller set the ``cancel`` event of a generate call; the broker was told to stop."""
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message, code=errors.CANCELLED)
 
 
 @dataclass
@@ -57,7 +70,8 @@ class GeneratedImage:
     index: int  # position within the request
     seed: int  # the seed this image was made with (request seed + index)
     png: bytes
-    params: dict = field(default_factory=dict)  # resolved steps, guidance, size, model...
+    params: dict = field(default_factory=dict)  # resolved steps, guidance, true_cfg, size, model...
+    warnings: list[str] = field(default_factory=list)  # options the pipeline ignored, and why
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -97,6 +111,7 @@ class Client:
         negative_prompt: str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        true_cfg: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -107,6 +122,9 @@ class Client:
         user: str = "",
     ) -> list[GeneratedImage]:
         """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults.
+
+        Each option is the pipeline argument of its name: ``guidance`` is ``guidance_scale``,
+        ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it).
 
         ``user`` names whom the request is for (a gateway serving many people): the broker's
         queues take turns between users, and between clients that name none.
@@ -121,6 +139,7 @@ class Client:
             negative_prompt=negative_prompt,
             steps=steps,
             guidance=guidance,
+            true_cfg=true_cfg,
             height=height,
             width=width,
             seed=secrets.randbelow(2**32) if seed is None else seed,
@@ -147,9 +166,9 @@ class Client:
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("cancelled")
             if not heard and now > start + request.timeout:
-                raise GenerationError(self._silence())
+                raise GenerationError(self._silence(), code=BROKER_UNAVAILABLE)
             if now > deadline:
-                raise GenerationError(f"timed out after {request.timeout:g}s")
+                raise GenerationError(f"timed out after {request.timeout:g}s", code=errors.TIMEOUT)
             if now >= next_send:
                 # Sent again whenever the broker has been quiet about it: a restarted broker then
                 # picks it up under the same id, and a live one only acknowledges it (it dedupes).
@@ -163,9 +182,11 @@ class Client:
             next_send = time.monotonic() + RESEND_INTERVAL
             match msg:
                 case ImageResult() if msg.index not in images and 0 <= msg.index < request.num_images:
-                    images[msg.index] = GeneratedImage(index=msg.index, seed=msg.seed, png=msg.png, params=msg.params)
+                    params = dataclasses.asdict(msg.params)
+                    image = GeneratedImage(msg.index, msg.seed, msg.png, params=params, warnings=msg.warnings)
+                    images[msg.index] = image
                 case RequestFailed():
-                    raise GenerationError(msg.error, retryable=msg.retryable)
+                    raise GenerationError(msg.error, retryable=msg.retryable, code=msg.code, field=msg.field)
                 case ProgressEvent() if on_progress is not None:
                     on_progress(msg)
         return [images[i] for i in range(request.num_images)]
@@ -184,7 +205,7 @@ class Client:
             msg = self._receive(left)
             if isinstance(msg, StatusReply) and msg.request_id == request_id:
                 return msg
-        raise GenerationError(self._silence())
+        raise GenerationError(self._silence(), code=BROKER_UNAVAILABLE)
 
     def _send(self, msg: messages.Message) -> None:
         try:

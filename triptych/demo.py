@@ -24,7 +24,7 @@ def demo_model() -> Path:
     target = cache_dir() / DEMO_NAME
     if (target / "model_index.json").exists():
         return target
-    from triptych.tiny import build_tiny_checkpoint
+    from triptych.testing import build_tiny_checkpoint
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))

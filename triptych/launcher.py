@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.messages import SERVICES
+from protocol.stages import DENOISER, SERVICES
 from triptych.client import Client, GenerationError
+from triptych.nodes import node_package
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class Cluster:
         named = ["--name", self.name, *node_args] if self.name else node_args
         threads = self.node_threads()
         for service in SERVICES:
-            args = [f"{service}_node", "--model", self.model, "--broker", self.bind, *named]
-            if service == "denoiser":
+            args = [node_package(service), "--model", self.model, "--broker", self.bind, *named]
+            if service == DENOISER:
                 args += ["--device", self.device, "--dtype", self.dtype]
             env = {"OMP_NUM_THREADS": str(threads[service])} if service in threads else None
             self._spawn(service, args, env)

@@ -64,7 +64,7 @@ def format_status(reply: StatusReply) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from triptych.node import curve_from_args
+    from triptych.flags import curve_from_args
 
     try:
         with Client(args.broker, curve=curve_from_args(args)) as client:

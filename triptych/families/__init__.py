@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family
+from triptych.families.base import Family
 from triptych.families.flux import Flux
 from triptych.families.flux2 import Flux2, Flux2Klein
 from triptych.families.pixart import PixArtAlpha, PixArtSigma
@@ -41,4 +41,4 @@ def family_for_pipeline(class_name: str) -> Family:
     return family
 
 
-__all__ = ["DECODE", "DENOISE", "ENCODE", "FAMILIES", "Family", "UnsupportedModel", "family_for_pipeline"]
+__all__ = ["FAMILIES", "Family", "UnsupportedModel", "family_for_pipeline"]

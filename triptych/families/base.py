@@ -17,6 +17,10 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from protocol.errors import RequestError
+from protocol.messages import RequestSpec, ResolvedParams
+from protocol.stages import DECODER, DENOISER, ENCODER
+
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -35,17 +39,14 @@ def _no_cache(key: tuple, compute: Callable[[], Tensors]) -> Tensors:
     return compute()
 
 
-ENCODE, DENOISE, DECODE = "encoder", "denoiser", "decoder"
-
-
 class Family:
     name: ClassVar[str]
     pipelines: ClassVar[tuple[str, ...]]  # diffusers pipeline class names of this family
     # Components (model_index.json keys) each stage loads; every other one is passed as None.
     components: ClassVar[dict[str, tuple[str, ...]]] = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("unet", "scheduler"),
-        DECODE: ("vae",),
+        ENCODER: ("tokenizer", "text_encoder"),
+        DENOISER: ("unet", "scheduler"),
+        DECODER: ("vae",),
     }
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the denoiser's dtype on a GPU unless told
     denoiser_attr: ClassVar[str] = "unet"
@@ -60,13 +61,54 @@ class Family:
         parameter = _call_parameters(type(pipe)).get(name)
         return None if parameter is None else parameter.default
 
-    def guidance(self, pipe: Any, request: dict) -> float:
-        guidance = request.get("guidance")
-        return float(self.call_default(pipe, "guidance_scale") if guidance is None else guidance)
+    @staticmethod
+    def takes(pipe: Any, name: str) -> bool:
+        """Whether the pipeline's ``__call__`` has an argument ``name``."""
+        return name in _call_parameters(type(pipe))
 
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
-        """Whether the denoiser will need negative embeddings (classifier-free guidance)."""
-        return self.guidance(pipe, request) > 1.0
+    def guidance(self, pipe: Any, request: RequestSpec) -> float | None:
+        """``guidance_scale`` as the pipeline gets it: the request's, else the pipeline's default."""
+        guidance = self.call_default(pipe, "guidance_scale") if request.guidance is None else request.guidance
+        return None if guidance is None else float(guidance)
+
+    def true_cfg(self, pipe: Any, request: RequestSpec) -> float | None:
+        """``true_cfg_scale`` as the pipeline gets it; None where the pipeline has no such argument."""
+        if not self.takes(pipe, "true_cfg_scale"):
+            if request.true_cfg is not None:
+                raise RequestError(
+                    "true_cfg", f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (use --guidance)"
+                )
+            return None
+        value = self.call_default(pipe, "true_cfg_scale") if request.true_cfg is None else request.true_cfg
+        return float(value)
+
+    def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
+        """Whether the pipeline will use negative embeddings, as its own ``__call__`` decides.
+
+        Pipelines with ``true_cfg_scale`` run a negative pass only for a negative prompt and a scale
+        above 1; the others run classifier-free guidance whenever ``guidance_scale`` is above 1.
+        """
+        true_cfg = self.true_cfg(pipe, request)
+        if true_cfg is not None:
+            return request.negative_prompt is not None and true_cfg > 1.0
+        guidance = self.guidance(pipe, request)
+        return guidance is not None and guidance > 1.0
+
+    def ignored_negative(self, pipe: Any, request: RequestSpec) -> str:
+        """Why the pipeline will not use the request's negative prompt (it is not asked when it will)."""
+        if self.true_cfg(pipe, request) is not None:
+            return f"{type(pipe).__name__} uses a negative prompt only with --true-cfg above 1"
+        return f"guidance_scale {self.guidance(pipe, request):g} is not above 1: classifier-free guidance is off"
+
+    def warnings(self, pipe: Any, request: RequestSpec) -> list[str]:
+        """Options the pipeline will ignore for this request, each with the reason, for the client."""
+        notes = []
+        if request.negative_prompt is not None and not self.uses_negative(pipe, request):
+            notes.append(f"the negative prompt is ignored: {self.ignored_negative(pipe, request)}")
+        true_cfg = self.true_cfg(pipe, request)
+        if request.true_cfg is not None and true_cfg is not None and true_cfg > 1 and request.negative_prompt is None:
+            notes.append("--true-cfg is ignored without a negative prompt")
+        return notes
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         sample = getattr(pipe, self.denoiser_attr).config.sample_size
@@ -105,9 +147,9 @@ class Family:
         """One text as a positive prompt -> the tensors the pipeline takes instead (batch of one)."""
         raise NotImplementedError
 
-    def negative_text(self, pipe: Any, request: dict) -> str:
+    def negative_text(self, pipe: Any, request: RequestSpec) -> str:
         """The negative prompt the pipeline would use for this request."""
-        negative = request.get("negative_prompt")
+        negative = request.negative_prompt
         return negative if negative is not None else (self.call_default(pipe, "negative_prompt") or "")
 
     def encode_negative(self, pipe: Any, text: str) -> Tensors:
@@ -117,10 +159,10 @@ class Family:
         """
         return {f"negative_{name}": value for name, value in self.encode_text(pipe, text).items()}
 
-    def encode(self, pipe: Any, request: dict, cache: EncodeCache | None = None) -> Tensors:
+    def encode(self, pipe: Any, request: RequestSpec, cache: EncodeCache | None = None) -> Tensors:
         """Prompt (and negative prompt when guidance needs one) -> the pipeline's embedding kwargs."""
         cache = cache or _no_cache
-        embeds = dict(cache(("prompt", request["prompt"]), lambda: self.encode_text(pipe, request["prompt"])))
+        embeds = dict(cache(("prompt", request.prompt), lambda: self.encode_text(pipe, request.prompt)))
         if self.uses_negative(pipe, request):
             text = self.negative_text(pipe, request)
             embeds |= cache(("negative", text), lambda: self.encode_negative(pipe, text))
@@ -136,39 +178,39 @@ class Family:
             for name, value in embeds.items()
         }
 
-    def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
+    def extra_kwargs(self, pipe: Any, request: RequestSpec) -> dict[str, Any]:
         """Further pipeline arguments a family needs (e.g. a negative prompt of None)."""
         return {}
 
-    def guidance_kwargs(self, pipe: Any, request: dict, guidance: float) -> dict[str, Any]:
-        """The pipeline arguments the request's guidance sets (a family may map it elsewhere)."""
-        return {"guidance_scale": guidance}
+    def guidance_kwargs(self, params: ResolvedParams) -> dict[str, Any]:
+        """The guidance arguments exactly as resolved: each option is the pipeline argument of its name."""
+        kwargs: dict[str, Any] = {"guidance_scale": params.guidance}
+        if params.true_cfg is not None:
+            kwargs["true_cfg_scale"] = params.true_cfg
+        return kwargs
 
-    def resolve_params(self, pipe: Any, request: dict) -> dict[str, Any]:
+    def resolve_params(self, pipe: Any, request: RequestSpec) -> ResolvedParams:
         """The generation parameters as the pipeline will use them, for the decoder and the PNG."""
         height, width = self.default_size(pipe)
-        steps = request.get("steps")
-        guidance = self.guidance(pipe, request)
-        mapped = self.guidance_kwargs(pipe, request, guidance)
-        return {
-            "model": request["model"],
-            "prompt": request["prompt"],
-            "negative_prompt": request.get("negative_prompt") or "",
-            "seed": request["seed"],
-            "steps": int(self.call_default(pipe, "num_inference_steps") if steps is None else steps),
-            "guidance": guidance,
-            # What --guidance became in the pipeline's own terms, e.g. "true_cfg_scale=4.0, guidance_scale=3.5".
-            "pipeline_guidance": ", ".join(f"{k}={v}" for k, v in mapped.items() if v is not None),
-            "height": request.get("height") or height,
-            "width": request.get("width") or width,
-            "family": self.name,
-        }
+        steps = self.call_default(pipe, "num_inference_steps") if request.steps is None else request.steps
+        return ResolvedParams(
+            model=request.model,
+            family=self.name,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or "",
+            seed=request.seed,
+            steps=int(steps),
+            guidance=self.guidance(pipe, request),
+            true_cfg=self.true_cfg(pipe, request),
+            height=request.height or height,
+            width=request.width or width,
+        )
 
-    def batch_key(self, pipe: Any, embeds: Tensors, request: dict) -> tuple:
+    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec) -> tuple:
         """Requests with equal keys can run as one pipeline call: same settings, same tensor shapes."""
         params = self.resolve_params(pipe, request)
         shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
-        return (params["steps"], params["guidance"], params["height"], params["width"], shapes)
+        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, shapes)
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         """Stack each request's embeddings (batch of one), repeated once per image it asked for."""
@@ -178,7 +220,16 @@ class Family:
             for name in names
         }
 
-    def denoise(self, pipe: Any, batch: list[tuple[Tensors, dict]], on_step: StepFn) -> list[tuple[torch.Tensor, dict]]:
+    def check_size(self, pipe: Any, params: ResolvedParams) -> None:
+        multiple = self.size_multiple(pipe)
+        for side in ("height", "width"):
+            value = getattr(params, side)
+            if value % multiple:
+                raise RequestError(side, f"{side} must be a multiple of {multiple} for {self.name} (got {value})")
+
+    def denoise(
+        self, pipe: Any, batch: list[tuple[Tensors, RequestSpec]], on_step: StepFn
+    ) -> list[tuple[torch.Tensor, ResolvedParams]]:
         """Requests with one batch key -> per request, latents (num_images, C, h, w) on CPU and params.
 
         Image i of a request with seed S uses its own generator seeded S + i, so batching changes
@@ -186,28 +237,25 @@ class Family:
         """
         params = [self.resolve_params(pipe, request) for _, request in batch]
         first = params[0]
-        multiple = self.size_multiple(pipe)
-        for side in ("height", "width"):
-            if first[side] % multiple:
-                raise ValueError(f"{side} must be a multiple of {multiple} for {self.name} (got {first[side]})")
-        counts = [int(request["num_images"]) for _, request in batch]
+        self.check_size(pipe, first)
+        counts = [request.num_images for _, request in batch]
         generators = [
-            torch.Generator("cpu").manual_seed(int(request["seed"]) + i)
-            for (_, request), count in zip(batch, counts, strict=True)
-            for i in range(count)
+            torch.Generator("cpu").manual_seed(request.seed + i)
+            for _, request in batch
+            for i in range(request.num_images)
         ]
-        embeds = self.batch_embeds([(embeds, count) for (embeds, _), count in zip(batch, counts, strict=True)])
+        embeds = self.batch_embeds([(embeds, request.num_images) for embeds, request in batch])
         kwargs: dict[str, Any] = {
             **self.embed_kwargs(pipe, embeds),
             **self.extra_kwargs(pipe, batch[0][1]),
-            "num_inference_steps": first["steps"],
-            **self.guidance_kwargs(pipe, batch[0][1], first["guidance"]),
-            "height": first["height"],
-            "width": first["width"],
+            "num_inference_steps": first.steps,
+            **self.guidance_kwargs(first),
+            "height": first.height,
+            "width": first.width,
             "num_images_per_prompt": 1,
             "generator": generators,
             "output_type": "latent",
-            **self._progress_kwargs(pipe, first["steps"], on_step),
+            **self._progress_kwargs(pipe, first.steps, on_step),
         }
         latents = self.latents_of(pipe(**kwargs)).cpu()
         return list(zip(latents.split(counts), params, strict=True))
@@ -232,13 +280,13 @@ class Family:
 
     # --- stage 3: decode --------------------------------------------------------------------
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         """Latents -> image tensor in [-1, 1], (B, 3, H, W): the VAE with this family's scaling."""
         vae = pipe.vae
         latents = latents.to(vae.device, vae.dtype)
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
-    def decode(self, pipe: Any, latents: torch.Tensor, params: dict) -> list[Image.Image]:
+    def decode(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> list[Image.Image]:
         image = self.decode_latents(pipe, latents, params)
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
@@ -247,9 +295,9 @@ class TransformerFamily(Family):
     """A DiT pipeline with one tokenizer and text encoder, the layout of most current families."""
 
     components: ClassVar[dict[str, tuple[str, ...]]] = {
-        ENCODE: ("tokenizer", "text_encoder"),
-        DENOISE: ("transformer", "scheduler"),
-        DECODE: ("vae",),
+        ENCODER: ("tokenizer", "text_encoder"),
+        DENOISER: ("transformer", "scheduler"),
+        DECODER: ("vae",),
     }
     cuda_dtype: ClassVar[torch.dtype] = torch.bfloat16
     denoiser_attr: ClassVar[str] = "transformer"

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 
 
@@ -43,8 +44,11 @@ class Flux2(TransformerFamily):
         # Latents are packed as 2x2 patches (the pipeline would silently round the size down).
         return pipe.vae_scale_factor * 2
 
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
+    def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         return False  # guidance-distilled: the guidance scale is a model input, not a second pass
+
+    def ignored_negative(self, pipe: Any, request: RequestSpec) -> str:
+        return f"{type(pipe).__name__} is guidance-distilled and runs no classifier-free guidance"
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # (1, 512, 15360) for dev: Mistral's hidden states 10, 20 and 30 side by side; (1, 512, 7680)
@@ -58,15 +62,15 @@ class Flux2(TransformerFamily):
         )
         return {"prompt_embeds": embeds}
 
-    def _patches(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def _patches(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         """The denoiser's output for one image -> normalized 2x2 patches (1, 128, h/2, w/2)."""
         # Packed (1, h/2 * w/2, 128) in row-major patch order; the pipeline scatters by position ids.
         side = pipe.vae_scale_factor * 2
-        shape = (latents.shape[0], latents.shape[-1], params["height"] // side, params["width"] // side)
+        shape = (latents.shape[0], latents.shape[-1], params.height // side, params.width // side)
         ids = pipe._prepare_latent_ids(torch.empty(shape, device="meta"))
         return pipe._unpack_latents_with_ids(latents, ids.to(latents.device))
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         patches = self._patches(pipe, latents, params)
         # The pipeline's decode path: batch-norm statistics of the patched latents, then un-patch.
@@ -82,8 +86,13 @@ class Flux2Klein(Flux2):
     name = "flux2-klein"
     pipelines = ("Flux2KleinPipeline",)
 
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
+    def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         return self.guidance(pipe, request) > 1.0 and not pipe.config.is_distilled
+
+    def ignored_negative(self, pipe: Any, request: RequestSpec) -> str:
+        if pipe.config.is_distilled:
+            return "this checkpoint is step-distilled (is_distilled) and ignores guidance"
+        return super().ignored_negative(pipe, request)
 
     def apply_vae_config(self, pipe: Any, vae_config: dict) -> None:
         super().apply_vae_config(pipe, vae_config)
@@ -95,6 +104,6 @@ class Flux2Klein(Flux2):
             config=SimpleNamespace(batch_norm_eps=0.0),
         )
 
-    def _patches(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def _patches(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         # (1, 32, h, w) normalized and un-patched by the denoiser -> (1, 128, h/2, w/2).
         return pipe._patchify_latents(latents)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from triptych.families import DECODE, DENOISE, ENCODE, Family, family_for_pipeline
-from triptych.families.speed import SpeedOptions, apply_to_decoder, apply_to_denoiser
+from protocol.stages import DENOISER, ENCODER
+from triptych.families import Family, family_for_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,15 @@ def component_names(model_index: dict) -> list[str]:
 
 def load_stage(
     model: str,
-    stage: str,
+    service: str,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    speed: SpeedOptions | None = None,
     no_t5: bool = False,
 ) -> LoadedStage:
-    """``no_t5``: the encoder leaves out the family's optional T5 (:attr:`Family.optional_t5`)."""
+    """The family's pipeline with only ``service``'s components, on ``device``.
+
+    ``no_t5``: the encoder leaves out the family's optional T5 (:attr:`Family.optional_t5`).
+    """
     import diffusers
     import transformers
 
@@ -58,30 +60,25 @@ def load_stage(
     transformers.utils.logging.disable_progress_bar()
     model_index = read_model_index(model)
     family = family_for_pipeline(model_index["_class_name"])
-    keep = family.components[stage]
+    keep = family.components[service]
     # Every other stage's components, and any the checkpoint was saved without ([null, null]),
     # which diffusers will not load unless told they are None.
     skipped = {name: None for name in component_names(model_index) if name not in keep or model_index[name][0] is None}
     if no_t5:
-        if stage != ENCODE or not family.optional_t5:
-            raise ValueError(f"--no-t5: the {family.name} {stage} cannot leave out a T5 encoder")
+        if service != ENCODER or not family.optional_t5:
+            raise ValueError(f"--no-t5: the {family.name} {service} cannot leave out a T5 encoder")
         keep = tuple(name for name in keep if name not in family.optional_t5)
         skipped.update(dict.fromkeys(family.optional_t5))
     pipeline_class = getattr(diffusers, model_index["_class_name"])
     loaded = [name for name in keep if name not in skipped]
-    logger.info("loading %s %s for the %s (%s)", family.name, model, stage, ", ".join(loaded))
+    logger.info("loading %s %s for the %s (%s)", family.name, model, service, ", ".join(loaded))
     pipe = pipeline_class.from_pretrained(model, dtype=dtype, **skipped)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    speed = speed or SpeedOptions()
-    if stage == ENCODE:
+    if service == ENCODER:
         family.prepare_encoder(pipe, model)
-    elif stage == DENOISE:
+    elif service == DENOISER:
         _apply_vae_config(pipe, model, family)
-        name = family.denoiser_attr
-        setattr(pipe, name, apply_to_denoiser(getattr(pipe, name), device, speed))
-    elif stage == DECODE:
-        apply_to_decoder(pipe, speed)
     return LoadedStage(family=family, pipe=pipe, model_index=model_index)
 
 

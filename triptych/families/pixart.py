@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 
 
@@ -27,14 +28,14 @@ class PixArtAlpha(TransformerFamily):
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
+    def extra_kwargs(self, pipe: Any, request: RequestSpec) -> dict[str, Any]:
         # The pipeline's default negative prompt ("") must not clash with negative_prompt_embeds.
         return {"negative_prompt": None}
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         image = super().decode_latents(pipe, latents, params)
         # The denoiser ran at the closest binned resolution; back to the size asked for.
-        return pipe.image_processor.resize_and_crop_tensor(image, params["width"], params["height"])
+        return pipe.image_processor.resize_and_crop_tensor(image, params.width, params.height)
 
 
 class PixArtSigma(PixArtAlpha):

@@ -6,10 +6,10 @@ count L (at most ``max_sequence_length``, 512) with a (1, L) ``prompt_embeds_mas
 different lengths share a denoising batch: each is zero-padded to the longest, masked out.
 
 Guidance. Qwen-Image runs true classifier-free guidance with a separate negative pass, and only
-when a negative prompt is given, as in diffusers: ``--guidance`` is ``true_cfg_scale`` (default
-4.0), and with ``--negative-prompt`` (even " ") and a guidance above 1 the negative prompt is
-encoded and used. Without a negative prompt no guidance runs. A guidance-distilled transformer
-(``guidance_embeds``) gets the same value as its ``guidance_scale``.
+when a negative prompt is given, as in diffusers: ``--true-cfg`` is ``true_cfg_scale`` (default
+4.0), and with ``--negative-prompt`` (even " ") and a scale above 1 the negative prompt is encoded
+and used. Without a negative prompt no guidance runs. ``--guidance`` is ``guidance_scale``, which
+only a guidance-distilled transformer (``guidance_embeds``) reads (default None).
 
 Latents. The denoiser returns them packed as 2x2 patches, (B, h/2 * w/2, 64). The decoder
 unpacks them to the VAE's 5-D (1, 16, 1, h, w) (one frame), un-normalizes them with the VAE's
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 
 # Each embedding that may be padded in a batch, and the mask that says which positions are real.
@@ -48,19 +49,11 @@ class QwenImage(TransformerFamily):
 
     # --- guidance ---------------------------------------------------------------------------
 
-    def guidance(self, pipe: Any, request: dict) -> float:
-        guidance = request.get("guidance")
-        return float(self.call_default(pipe, "true_cfg_scale") if guidance is None else guidance)
-
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
-        return request.get("negative_prompt") is not None and self.guidance(pipe, request) > 1.0
-
-    def guidance_kwargs(self, pipe: Any, request: dict, guidance: float) -> dict[str, Any]:
-        distilled = getattr(pipe, self.denoiser_attr).config.guidance_embeds
-        # Without negative embeddings no guidance runs either way; a scale of 1 says so without
-        # the pipeline warning on every request.
-        true_cfg = guidance if self.uses_negative(pipe, request) else 1.0
-        return {"true_cfg_scale": true_cfg, "guidance_scale": guidance if distilled else None}
+    def warnings(self, pipe: Any, request: RequestSpec) -> list[str]:
+        notes = super().warnings(pipe, request)
+        if request.guidance is not None and not getattr(pipe, self.denoiser_attr).config.guidance_embeds:
+            notes.append("--guidance is ignored: this transformer is not guidance-distilled (use --true-cfg)")
+        return notes
 
     # --- encode -----------------------------------------------------------------------------
 
@@ -78,11 +71,11 @@ class QwenImage(TransformerFamily):
 
     # --- denoise ----------------------------------------------------------------------------
 
-    def batch_key(self, pipe: Any, embeds: Tensors, request: dict) -> tuple:
+    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec) -> tuple:
         # As the default, but without the sequence length: batch_embeds pads prompts to one length.
         params = self.resolve_params(pipe, request)
         widths = tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
-        return (params["steps"], params["guidance"], params["height"], params["width"], widths)
+        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, widths)
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         padded: Tensors = {}
@@ -101,10 +94,10 @@ class QwenImage(TransformerFamily):
 
     # --- decode -----------------------------------------------------------------------------
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         # (1, h/2 * w/2, 64) packed -> (1, 16, 1, h, w): one frame for the video-shaped VAE.
-        latents = pipe._unpack_latents(latents, params["height"], params["width"], pipe.vae_scale_factor)
+        latents = pipe._unpack_latents(latents, params.height, params.width, pipe.vae_scale_factor)
         latents = latents.to(vae.device, vae.dtype)
         channels = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(channels).to(latents.device, latents.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 
 
@@ -68,12 +69,12 @@ class Sana(TransformerFamily):
         )
         return {"negative_prompt_embeds": embeds, "negative_prompt_attention_mask": mask}
 
-    def extra_kwargs(self, pipe: Any, request: dict) -> dict[str, Any]:
+    def extra_kwargs(self, pipe: Any, request: RequestSpec) -> dict[str, Any]:
         # The pipeline's default negative prompt ("") must not clash with negative_prompt_embeds.
         return {"negative_prompt": None}
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         image = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         # The denoiser ran at the closest binned resolution; back to the size asked for.
-        return pipe.image_processor.resize_and_crop_tensor(image, params["width"], params["height"])
+        return pipe.image_processor.resize_and_crop_tensor(image, params.width, params.height)

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import ENCODE, Tensors, TransformerFamily
+from protocol.messages import ResolvedParams
+from protocol.stages import ENCODER
+from triptych.families.base import Tensors, TransformerFamily
 
 
 class StableDiffusion3(TransformerFamily):
@@ -20,7 +22,7 @@ class StableDiffusion3(TransformerFamily):
     pipelines = ("StableDiffusion3Pipeline",)
     components = {
         **TransformerFamily.components,
-        ENCODE: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
+        ENCODER: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
     }
     optional_t5 = ("text_encoder_3", "tokenizer_3")
 
@@ -52,7 +54,7 @@ class StableDiffusion3(TransformerFamily):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         latents = latents.to(vae.device, vae.dtype)
         # A tiny preview VAE (AutoencoderTiny) may have no shift.

@@ -15,23 +15,25 @@ from typing import Any
 
 import torch
 
-from triptych.families.base import DECODE, DENOISE, ENCODE, Family, Tensors
+from protocol.messages import RequestSpec, ResolvedParams
+from protocol.stages import DECODER, DENOISER, ENCODER
+from triptych.families.base import Family, Tensors
 
 
 class StableDiffusionXL(Family):
     name = "stable-diffusion-xl"
     pipelines = ("StableDiffusionXLPipeline",)
     components = {
-        ENCODE: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
-        DENOISE: ("unet", "scheduler"),
-        DECODE: ("vae",),
+        ENCODER: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
+        DENOISER: ("unet", "scheduler"),
+        DECODER: ("vae",),
     }
 
     @staticmethod
-    def _zero_negative(pipe: Any, request: dict) -> bool:
-        return request.get("negative_prompt") is None and bool(pipe.config.get("force_zeros_for_empty_prompt"))
+    def _zero_negative(pipe: Any, request: RequestSpec) -> bool:
+        return request.negative_prompt is None and bool(pipe.config.get("force_zeros_for_empty_prompt"))
 
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
+    def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         # Zero negatives are the denoiser's own work; sending them would only cost bytes.
         return super().uses_negative(pipe, request) and not self._zero_negative(pipe, request)
 
@@ -43,7 +45,7 @@ class StableDiffusionXL(Family):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.force_upcast:
             # The SDXL VAE overflows in float16; the pipeline decodes in float32 for that reason.

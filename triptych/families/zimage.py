@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 
 
@@ -33,8 +34,11 @@ class ZImage(TransformerFamily):
         # The transformer patchifies latents 2x2; the pipeline refuses other sizes.
         return pipe.vae_scale_factor * 2
 
-    def uses_negative(self, pipe: Any, request: dict) -> bool:
+    def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         return self.guidance(pipe, request) > 0.0
+
+    def ignored_negative(self, pipe: Any, request: RequestSpec) -> str:
+        return "guidance_scale 0 turns classifier-free guidance off"
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # The penultimate Qwen3 layer at the prompt's real tokens: (L, 2560) for Z-Image, no batch
@@ -56,7 +60,7 @@ class ZImage(TransformerFamily):
         denoiser = getattr(pipe, self.denoiser_attr)
         return {name: [t.to(denoiser.device, denoiser.dtype) for t in tensors] for name, tensors in embeds.items()}
 
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: dict) -> torch.Tensor:
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
         latents = latents.to(vae.device, vae.dtype)
         return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]

@@ -1,4 +1,4 @@
-"""Speed and memory options from diffusers' own optimization guides, applied after loading.
+"""Speed options from diffusers' own optimization guides, applied to the denoiser after loading.
 
 None is on by default except TF32 matmuls on CUDA (a free speed-up for float32 work that
 diffusers' guides recommend); each is a node flag so it can be measured before it is trusted.
@@ -6,9 +6,9 @@ diffusers' guides recommend); each is a node flag so it can be measured before i
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -22,9 +22,30 @@ class SpeedOptions:
     fuse_qkv: bool = False  # one matmul for the attention projections
     attention_backend: str | None = None  # diffusers attention dispatcher backend ("native", "flash"...)
     tf32: bool = True  # TF32 matmuls on CUDA
-    vae_tiling: bool = False  # decode big images tile by tile
-    vae_slicing: bool = False  # decode a batch one image at a time
-    tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) folder or hub id, for fast previews
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SpeedOptions:
+        return cls(
+            compile=args.compile,
+            channels_last=args.channels_last,
+            fuse_qkv=args.fuse_qkv,
+            attention_backend=args.attention_backend,
+            tf32=not args.no_tf32,
+        )
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the denoiser (optional mode: max-autotune, reduce-overhead...)",
+    )
+    parser.add_argument("--channels-last", action="store_true", help="UNet convolutions in channels-last layout")
+    parser.add_argument("--fuse-qkv", action="store_true", help="fuse attention QKV projections")
+    parser.add_argument("--attention-backend", help="diffusers attention backend (native, flash, sage...)")
+    parser.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls exact on CUDA")
 
 
 def apply_to_denoiser(denoiser: torch.nn.Module, device: str, options: SpeedOptions) -> torch.nn.Module:
@@ -41,14 +62,3 @@ def apply_to_denoiser(denoiser: torch.nn.Module, device: str, options: SpeedOpti
         logger.info("compiling the denoiser (mode %s); the first requests are slow", options.compile)
         denoiser = torch.compile(denoiser, mode=None if options.compile == "default" else options.compile)
     return denoiser
-
-
-def apply_to_decoder(pipe: Any, options: SpeedOptions) -> None:
-    if options.tiny_vae:
-        from diffusers import AutoencoderTiny
-
-        pipe.vae = AutoencoderTiny.from_pretrained(options.tiny_vae).to(pipe.vae.device, pipe.vae.dtype)
-    if options.vae_tiling:
-        pipe.vae.enable_tiling()
-    if options.vae_slicing:
-        pipe.vae.enable_slicing()

@@ -1,18 +1,25 @@
-"""Real broker and node processes for end-to-end tests."""
+"""What several test modules share: real broker and node processes for end-to-end tests, free
+ports, and comparisons of images and Prometheus metrics."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import SERVICES
 from triptych.client import Client, GenerationError
@@ -135,3 +142,26 @@ def serving(log_dir: Path, models: Iterable[Path], per_kind: int = 1, **broker: 
         yield procs
     finally:
         procs.stop()
+
+
+def max_pixel_difference(png: bytes | Path, expected: Image.Image) -> int:
+    """The largest difference of one channel of one pixel between a PNG (bytes or file) and diffusers' image."""
+    data = png.read_bytes() if isinstance(png, Path) else png
+    got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+    want = np.asarray(expected.convert("RGB")).astype(np.int16)
+    assert got.shape == want.shape, f"image shape {got.shape} != diffusers' {want.shape}"
+    return int(np.abs(got - want).max())
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

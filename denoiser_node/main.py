@@ -1,0 +1,52 @@
+"""Starting a denoiser node: its flags, its batching, its speed options."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from protocol.stages import DENOISER
+from triptych.node_runner import NodeContext, NodeService, NodeStartError, run_node
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from denoiser_node.speed import add_speed_arguments
+
+    parser.add_argument(
+        "--max-batch", type=int, default=4, help="compatible requests denoised together, at most (default 4)"
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=20.0,
+        help="how long a batch waits for compatible requests to join it (default 20 ms)",
+    )
+    add_speed_arguments(parser)
+
+
+def build(node: NodeContext) -> NodeService:
+    from denoiser_node.handler import DenoiserHandler
+    from denoiser_node.speed import SpeedOptions, apply_to_denoiser
+
+    args = node.args
+    if args.max_batch < 1:
+        raise NodeStartError(f"--max-batch must be at least 1 (got {args.max_batch})")
+    if args.batch_window_ms < 0:
+        raise NodeStartError(f"--batch-window-ms must be 0 or more (got {args.batch_window_ms:g})")
+    stage = node.load()
+    name = stage.family.denoiser_attr
+    setattr(stage.pipe, name, apply_to_denoiser(getattr(stage.pipe, name), node.device, SpeedOptions.from_args(args)))
+    handler = DenoiserHandler(stage)
+    return NodeService(
+        handler=handler,
+        info=node.info() | {"max_batch": args.max_batch},
+        capacity=2 * args.max_batch,  # the next batch waits here while this one runs
+        max_batch=args.max_batch,
+        batch_window=args.batch_window_ms / 1000,
+        batch_key=handler.batch_key,
+        stats=handler.stats,
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_node(DENOISER, add_arguments, build, argv, prog)

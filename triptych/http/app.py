@@ -1,0 +1,168 @@
+"""The gateway's routes: OpenAI's models and images endpoints, each served by one blocking client call.
+
+A call runs on a worker thread (at most ``max_in_flight`` at once) with a broker connection of its
+own; when the HTTP client hangs up, the call's cancel event is set and the broker drops the work.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from triptych.client import Client, GeneratedImage, GenerationError
+from triptych.http.auth import RequireApiKey
+from triptych.http.errors import HANDLERS, ApiError, error_from_failure
+from triptych.http.models import ModelCatalog
+from triptych.http.params import parse_generation, read_json
+from triptych.http.pool import ClientPool
+from triptych.http.store import ImageStore
+
+logger = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64  # generate calls running at once (each holds a thread); more wait their turn
+
+
+class Gateway:
+    """What the routes share: broker connections, the served models, stored PNGs, a cap on calls at once."""
+
+    def __init__(
+        self, pool: ClientPool, *, store: ImageStore | None = None, max_in_flight: int = MAX_IN_FLIGHT
+    ) -> None:
+        self.pool = pool
+        self.store = store or ImageStore()
+        self.max_in_flight = max_in_flight
+        self.started = int(time.time())
+        self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop, at startup
+        self.models = ModelCatalog(pool, self._call)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.limiter = anyio.CapacityLimiter(self.max_in_flight)
+        try:
+            yield
+        finally:
+            self.pool.close()
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    def _model_card(self, model: str) -> dict:
+        return {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
+
+    async def list_models(self, request: Request) -> JSONResponse:
+        models = await self.models.served(fresh=True)
+        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in models]})
+
+    async def get_model(self, request: Request) -> JSONResponse:
+        model = request.path_params["model"]
+        if model not in await self.models.served(fresh=True):
+            raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(self._model_card(model))
+
+    async def generate(self, request: Request) -> JSONResponse:
+        params = parse_generation(await read_json(request))
+        params.model = await self.models.resolve(params.model)
+        # The broker's queues take turns per user: per API key, and OpenAI's "user" within it
+        # (hashed: a short, fixed length, and no end-user ids in the broker's state).
+        tenant = getattr(request.state, "api_key", "http")
+        user = f"{tenant}/{hashlib.sha256(params.user.encode()).hexdigest()[:16]}" if params.user else tenant
+        cancel = threading.Event()
+
+        def run() -> list[GeneratedImage]:
+            with self.pool.client() as client:
+                return client.generate(
+                    params.prompt,
+                    model=params.model,
+                    negative_prompt=params.negative_prompt,
+                    steps=params.steps,
+                    guidance=params.guidance,
+                    true_cfg=params.true_cfg,
+                    height=params.height,
+                    width=params.width,
+                    seed=params.seed,
+                    num_images=params.n,
+                    cancel=cancel,
+                    user=user,
+                )
+
+        try:
+            images = await self._run_until_disconnect(request, run, cancel)
+        except GenerationError as exc:
+            raise error_from_failure(exc) from exc
+        if params.response_format == "url":
+            data = [{"url": str(request.url_for("file", file_id=self.store.put(image.png)))} for image in images]
+        else:
+            data = [{"b64_json": base64.b64encode(image.png).decode("ascii")} for image in images]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    async def _run_until_disconnect(self, request: Request, fn: Callable[[], Any], cancel: threading.Event) -> Any:
+        """Run ``fn`` on a worker thread; the HTTP client leaving (or shutdown) sets ``cancel``."""
+
+        async def watch() -> None:
+            try:
+                with contextlib.suppress(Exception):  # a server that can no longer tell: as good as gone
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+            finally:  # disconnected, or the request is done or being torn down
+                cancel.set()
+
+        def call() -> tuple[Any, Exception | None]:
+            try:
+                return fn(), None
+            except Exception as exc:  # raised below: out of a task group it would come wrapped in a group
+                return None, exc
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            try:
+                result, error = await self._call(call)
+            finally:
+                tasks.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
+    async def get_file(self, request: Request) -> Response:
+        png = self.store.get(request.path_params["file_id"])
+        if png is None:
+            raise ApiError(404, "no such file (they are kept for a limited time)", code="file_not_found")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def create_app(
+    broker: str,
+    *,
+    timeout: float = 300.0,
+    client_factory: Callable[[], Client] | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    store: ImageStore | None = None,
+    api_keys: Sequence[str] | None = None,
+) -> Starlette:
+    """The gateway app. Broker connections come from ``client_factory`` (default: a plain
+    ``Client(broker, timeout=timeout)``), so CURVE keys and other options stay the caller's business.
+    With ``api_keys``, requests must carry one of them (see :class:`RequireApiKey`)."""
+    factory = client_factory or (lambda: Client(broker, timeout=timeout))
+    gateway = Gateway(ClientPool(factory), store=store, max_in_flight=max_in_flight)
+    routes = [
+        Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
+        Route("/v1/images/generations", gateway.generate, methods=["POST"]),
+        Route("/v1/files/{file_id}.png", gateway.get_file, methods=["GET"], name="file"),
+    ]
+    middleware = [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []
+    app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=gateway.lifespan, middleware=middleware)
+    app.state.gateway = gateway
+    return app
