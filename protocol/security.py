@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> Th
     if curve.authorized_dir is None or not curve.authorized_dir.is_dir():
         raise KeyFileError(f"--curve-authorized must be a folder of public keys (got {curve.authorized_dir})")
     public, secret = load_key(curve.secret_file, need_secret=True)
+    from zmq.auth.thread import ThreadAuthenticator  # asyncio comes with it: only the broker pays for it
+
     authenticator = ThreadAuthenticator(ctx)
     authenticator.start()
     authenticator.configure_curve(domain="*", location=str(curve.authorized_dir))

@@ -1,40 +1,50 @@
 """The broker's routing, message by message, with fake nodes and a fake client and no sockets.
 
 Every message in and out also goes through to_frames/from_frames, so what the core sends is
-known to survive the wire.
+known to survive the wire (tensors reach the core, and come back out of it, as WireTensors).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from protocol import messages
+from protocol import errors, messages
 from protocol.broker_core import BrokerCore
 from protocol.messages import (
     DECODER,
     DENOISER,
     ENCODER,
     CancelRequest,
+    DecodedImage,
+    DecodeJob,
+    DenoisedLatents,
+    DenoiseJob,
+    Embeddings,
+    EncodeJob,
     GenerateRequest,
     Heartbeat,
     ImageResult,
-    JobAssign,
     JobCancel,
-    JobDone,
     JobFailed,
     JobProgress,
     Message,
     ProgressEvent,
+    ProtocolError,
     Reconnect,
     RequestAccepted,
     RequestFailed,
+    ResolvedParams,
+    StageJob,
     StatusReply,
     StatusRequest,
     WorkerGoodbye,
     WorkerReady,
 )
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from protocol.tensors import WireTensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
@@ -94,6 +104,18 @@ def request(request_id: str = "r1", **changes) -> GenerateRequest:
     return GenerateRequest(**fields)
 
 
+PARAMS = ResolvedParams(
+    model=MODEL,
+    family="sd",
+    prompt="a red fox",
+    negative_prompt="",
+    seed=42,
+    steps=20,
+    guidance=7.5,
+    true_cfg=None,
+    height=64,
+    width=64,
+)
 EMBEDS = {"prompt_embeds": torch.randn(1, 77, 32)}  # (B, 77, D)
 
 
@@ -101,16 +123,32 @@ def latents(count: int) -> torch.Tensor:
     return torch.randn(count, 4, 8, 8)  # (num_images, C, H/8, W/8)
 
 
+def embedded(job: StageJob, **stats) -> Embeddings:
+    return Embeddings(job_id=job.job_id, embeds=EMBEDS, stats=stats)
+
+
+def denoised(job: StageJob, count: int = 1, **changes) -> DenoisedLatents:
+    return DenoisedLatents(**{"job_id": job.job_id, "latents": latents(count), "params": PARAMS, **changes})
+
+
+def decoded(job: StageJob, png: bytes = b"png") -> DecodedImage:
+    return DecodedImage(job_id=job.job_id, png=png)
+
+
+def torch_of(tensor: WireTensor | torch.Tensor) -> torch.Tensor:
+    return tensor.to_torch() if isinstance(tensor, WireTensor) else tensor
+
+
 def to_denoise(sim: Sim, request_id: str, **changes) -> Sent:
-    """Submit a request and finish its encode job; returns what the encode result set off."""
-    job = only(sim.send(CLIENT, request(request_id, **changes)), JobAssign, ENC)
-    return sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS}))
+    """Submit a request and answer its encode job; returns what the embeddings set off."""
+    job = only(sim.send(CLIENT, request(request_id, **changes)), EncodeJob, ENC)
+    return sim.send(ENC, embedded(job))
 
 
-def assigned(out: Sent) -> dict[bytes, list[JobAssign]]:
-    jobs: dict[bytes, list[JobAssign]] = {}
+def assigned(out: Sent) -> dict[bytes, list[StageJob]]:
+    jobs: dict[bytes, list[StageJob]] = {}
     for identity, message in out:
-        if isinstance(message, JobAssign):
+        if isinstance(message, StageJob):
             jobs.setdefault(identity, []).append(message)
     return jobs
 
@@ -127,36 +165,37 @@ def test_full_chain_gives_one_image_per_seed_then_forgets_the_request():
     # 1. The request is accepted and its encode job goes to the encoder.
     out = sim.send(CLIENT, request(num_images=3, steps=20))
     assert only(out, RequestAccepted, CLIENT).request_id == "r1"
-    encode = only(out, JobAssign, ENC)
+    encode = only(out, EncodeJob, ENC)
     assert encode.request_id == "r1"
-    assert encode.payload["request"]["prompt"] == "a red fox" and encode.payload["request"]["steps"] == 20
-    assert [(e.stage, e.node) for e in sent(out, ProgressEvent, CLIENT)] == [("encoder", "enc-node")]
+    assert encode.request == request(num_images=3, steps=20).spec()
+    progress = sent(out, ProgressEvent, CLIENT)
+    assert [(e.stage, e.service, e.node) for e in progress] == [("encode", ENCODER, "enc-node")]
 
     # 2. Embeddings go to the denoiser with the request.
     embeds = torch.randn(1, 77, 32).to(torch.bfloat16)
-    out = sim.send(ENC, JobDone(job_id=encode.job_id, payload={"embeds": {"prompt_embeds": embeds}}))
-    denoise = only(out, JobAssign, DEN)
-    assert torch.equal(denoise.payload["embeds"]["prompt_embeds"], embeds)
-    assert denoise.payload["request"]["num_images"] == 3
-    assert [e.stage for e in sent(out, ProgressEvent, CLIENT)] == ["denoiser"]
+    out = sim.send(ENC, Embeddings(job_id=encode.job_id, embeds={"prompt_embeds": embeds}))
+    denoise = only(out, DenoiseJob, DEN)
+    assert torch.equal(torch_of(denoise.embeds["prompt_embeds"]), embeds)
+    assert denoise.request.num_images == 3 and denoise.request.steps == 20
+    assert [(e.stage, e.service) for e in sent(out, ProgressEvent, CLIENT)] == [("denoise", DENOISER)]
 
     # 3. Latents for 3 images become 3 decode jobs, one image each.
     batch = latents(3)
-    params = {"steps": 20, "guidance": 7.5, "height": 64, "width": 64}
-    out = sim.send(DEN, JobDone(job_id=denoise.job_id, payload={"latents": batch, "params": params}))
-    decodes = {job.payload["index"]: job for job in sent(out, JobAssign, DEC)}
+    warnings = ["guidance ignored: this pipeline takes none"]
+    out = sim.send(DEN, DenoisedLatents(job_id=denoise.job_id, latents=batch, params=PARAMS, warnings=warnings))
+    decodes = {job.index: job for job in sent(out, DecodeJob, DEC)}
     assert sorted(decodes) == [0, 1, 2]
     for index, job in decodes.items():
-        assert job.payload["latents"].shape == (1, 4, 8, 8)
-        assert torch.equal(job.payload["latents"], batch[index : index + 1])
-        assert job.payload["params"] == params
-    assert len(sent(out, ProgressEvent, CLIENT)) == 3
+        assert job.latents.shape == (1, 4, 8, 8)
+        assert torch.equal(torch_of(job.latents), batch[index : index + 1])
+        assert job.params == PARAMS
+    assert [e.stage for e in sent(out, ProgressEvent, CLIENT)] == ["decode"] * 3
     assert not sent(out, ImageResult)
 
     # 4. Each PNG is sent on as it arrives, in any order; the last one ends the request.
     images = []
     for index in (2, 0, 1):
-        out = sim.send(DEC, JobDone(job_id=decodes[index].job_id, payload={"png": b"png%d" % index}))
+        out = sim.send(DEC, decoded(decodes[index], b"png%d" % index))
         assert not sent(out, RequestFailed)
         images += sent(out, ImageResult, CLIENT)
     assert [(i.request_id, i.index, i.seed, i.png) for i in sorted(images, key=lambda i: i.index)] == [
@@ -164,7 +203,7 @@ def test_full_chain_gives_one_image_per_seed_then_forgets_the_request():
         ("r1", 1, 43, b"png1"),
         ("r1", 2, 44, b"png2"),
     ]
-    assert all(image.params == params for image in images)
+    assert all(image.params == PARAMS and image.warnings == warnings for image in images)
     assert sim.core.requests == {} and sim.core.jobs == {}
     status = sim.status()
     assert status.requests_in_flight == 0
@@ -175,14 +214,31 @@ def test_full_chain_gives_one_image_per_seed_then_forgets_the_request():
     }
 
     # A repeated result for a finished job changes nothing.
-    assert sim.send(DEC, JobDone(job_id=decodes[0].job_id, payload={"png": b"again"})) == []
+    assert sim.send(DEC, decoded(decodes[0], b"again")) == []
+
+
+def test_an_image_takes_its_seed_from_the_parameters_the_denoiser_resolved():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    sim.register(DEC, DECODER)
+    denoise = only(to_denoise(sim, "r1", num_images=2), DenoiseJob, DEN)
+    params = dataclasses.replace(PARAMS, seed=1000)
+    out = sim.send(DEN, denoised(denoise, 2, params=params))
+    first = only(out, DecodeJob, DEC)
+    out = sim.send(DEC, decoded(first))
+    second = only(out, DecodeJob, DEC)
+    image = only(out, ImageResult, CLIENT)
+    assert (image.index, image.seed, image.params.seed, image.warnings) == (first.index, 1000 + first.index, 1000, [])
+    image = only(sim.send(DEC, decoded(second)), ImageResult, CLIENT)
+    assert (image.index, image.seed) == (second.index, 1000 + second.index)
 
 
 def test_a_resent_request_is_accepted_again_but_not_run_twice():
     sim = Sim()
     sim.register(ENC, ENCODER, capacity=4)
     first = sim.send(CLIENT, request())
-    assert len(sent(first, JobAssign, ENC)) == 1
+    assert len(sent(first, EncodeJob, ENC)) == 1
     again = sim.send(CLIENT, request())
     assert [type(m) for _, m in again] == [RequestAccepted]
     assert len(sim.core.jobs) == 1 and len(sim.core.requests) == 1
@@ -208,9 +264,9 @@ def test_the_idle_denoiser_gets_the_job_and_a_full_one_gets_none():
 
     # When the first one finishes, the waiting job goes to it.
     job_a = first[busy][0]
-    out = sim.send(busy, JobDone(job_id=job_a.job_id, payload={"latents": latents(1), "params": {}}))
+    out = sim.send(busy, denoised(job_a))
     (job_c,) = assigned(out)[busy]
-    assert job_c.request_id == "c"
+    assert isinstance(job_c, DenoiseJob) and job_c.request_id == "c"
 
 
 def test_capacity_is_respected_and_the_least_loaded_node_wins():
@@ -240,7 +296,7 @@ def test_the_least_recently_assigned_idle_node_gets_the_next_job():
         sim.now = 1000.0 + 10 * i
         ((holder, (job,)),) = assigned(to_denoise(sim, request_id)).items()
         order.append(holder)
-        sim.send(holder, JobDone(job_id=job.job_id, payload={"latents": latents(1), "params": {}}))
+        sim.send(holder, denoised(job))
         assert all(not w.jobs for w in sim.core.workers.values() if w.service == DENOISER)  # both idle again
     assert order[0] != order[1] and order == [order[0], order[1], order[0], order[1]]
 
@@ -256,7 +312,7 @@ def test_the_emptier_node_wins_even_if_it_was_used_more_recently():
     sim.now = 1010.0
     ((holder, (job,)),) = assigned(to_denoise(sim, "c")).items()
     assert holder == b"den2"
-    sim.send(b"den2", JobDone(job_id=job.job_id, payload={"latents": latents(1), "params": {}}))
+    sim.send(b"den2", denoised(job))
     # den1: 2 jobs, last assigned at 1001; den2: none, last assigned at 1010.
     sim.now = 1020.0
     assert set(assigned(to_denoise(sim, "d"))) == {b"den2"}
@@ -285,13 +341,14 @@ def test_a_silent_node_is_removed_and_its_job_redispatched():
     sim.send(holder, Heartbeat(), at=t0 + 1)
     sim.send(other, Heartbeat(), at=t0 + 1 + EXPIRY)
     out = sim.tick(t0 + 1 + EXPIRY)  # silent for exactly the limit: still alive
-    assert holder in sim.core.workers and not sent(out, JobAssign)
+    assert holder in sim.core.workers and not sent(out, StageJob)
 
     out = sim.tick(t0 + 1 + EXPIRY + 0.01)
     assert holder not in sim.core.workers and other in sim.core.workers
-    again = only(out, JobAssign, other)
+    again = only(out, DenoiseJob, other)
     assert (again.job_id, again.request_id) == (job.job_id, "r1")
-    assert torch.equal(again.payload["embeds"]["prompt_embeds"], job.payload["embeds"]["prompt_embeds"])
+    assert torch.equal(torch_of(again.embeds["prompt_embeds"]), torch_of(job.embeds["prompt_embeds"]))
+    assert again.request == job.request
     assert only(out, ProgressEvent, CLIENT).node == f"{other.decode()}-node"
 
     # The dead node is asked to register again when it next speaks.
@@ -309,10 +366,10 @@ def test_a_lost_job_goes_to_the_front_of_its_queue():
     t0 = sim.now
     sim.send(holder, Heartbeat(), at=t0 + EXPIRY)
     sim.send(ENC, Heartbeat(), at=t0 + EXPIRY)
-    assert not sent(sim.tick(t0 + EXPIRY + 0.5), JobAssign)  # a's job is back in the queue, no node free
+    assert not sent(sim.tick(t0 + EXPIRY + 0.5), StageJob)  # a's job is back in the queue, no node free
     assert lost_holder not in sim.core.workers
-    out = sim.send(holder, JobDone(job_id=job_b.job_id, payload={"latents": latents(1), "params": {}}))
-    assert only(out, JobAssign, holder).job_id == lost.job_id  # ahead of c, which waited longer
+    out = sim.send(holder, denoised(job_b))
+    assert only(out, DenoiseJob, holder).job_id == lost.job_id  # ahead of c, which waited longer
 
 
 def test_a_late_result_from_a_dead_node_is_taken_once():
@@ -321,8 +378,8 @@ def test_a_late_result_from_a_dead_node_is_taken_once():
     sim.register(DEN, DENOISER)
     sim.register(b"dec1", DECODER, capacity=1)
     sim.register(b"dec2", DECODER, capacity=2)
-    denoise = only(to_denoise(sim, "r1", num_images=2), JobAssign, DEN)
-    out = sim.send(DEN, JobDone(job_id=denoise.job_id, payload={"latents": latents(2), "params": {}}))
+    denoise = only(to_denoise(sim, "r1", num_images=2), DenoiseJob, DEN)
+    out = sim.send(DEN, denoised(denoise, 2))
     jobs = assigned(out)
     (lost,) = jobs[b"dec1"]
     (kept,) = jobs[b"dec2"]
@@ -331,23 +388,37 @@ def test_a_late_result_from_a_dead_node_is_taken_once():
     t0 = sim.now
     sim.send(b"dec2", Heartbeat(), at=t0 + EXPIRY)
     out = sim.tick(t0 + EXPIRY + 0.5)
-    assert only(out, JobAssign, b"dec2").job_id == lost.job_id
+    assert only(out, DecodeJob, b"dec2").job_id == lost.job_id
 
     # dec1 was only slow: its result is taken, and dec2 is told to drop the copy.
-    out = sim.send(b"dec1", JobDone(job_id=lost.job_id, payload={"png": b"from dec1"}))
+    out = sim.send(b"dec1", decoded(lost, b"from dec1"))
     image = only(out, ImageResult, CLIENT)
-    assert (image.index, image.png) == (lost.payload["index"], b"from dec1")
+    assert (image.index, image.png) == (lost.index, b"from dec1")
     assert only(out, JobCancel, b"dec2").job_id == lost.job_id
     assert sim.core.workers[b"dec2"].jobs == {kept.job_id}
 
     # dec2's copy arrives anyway: no second image for that index.
-    out = sim.send(b"dec2", JobDone(job_id=lost.job_id, payload={"png": b"from dec2"}))
+    out = sim.send(b"dec2", decoded(lost, b"from dec2"))
     assert not sent(out, ImageResult) and not sent(out, RequestFailed)
     assert "r1" in sim.core.requests
 
-    out = sim.send(b"dec2", JobDone(job_id=kept.job_id, payload={"png": b"other"}))
-    assert only(out, ImageResult, CLIENT).index == kept.payload["index"]
+    out = sim.send(b"dec2", decoded(kept, b"other"))
+    assert only(out, ImageResult, CLIENT).index == kept.index
     assert sim.core.requests == {}
+
+
+def test_a_late_result_for_a_requeued_job_takes_it_off_the_queue():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    encode = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    t0 = sim.now
+    assert not sent(sim.tick(t0 + EXPIRY + 0.5), StageJob)  # the only encoder is presumed dead
+    assert ENC not in sim.core.workers and sim.status().queues[f"encoder/{MODEL}"] == 1
+    sim.register(DEN, DENOISER)
+    out = sim.send(ENC, embedded(encode))  # it was only slow
+    assert only(out, DenoiseJob, DEN).request_id == "r1"
+    assert sim.status().queues[f"encoder/{MODEL}"] == 0
+    assert not sent(sim.register(b"enc2", ENCODER), StageJob)  # the encode job is not run again
 
 
 def test_a_job_whose_nodes_keep_dying_fails():
@@ -359,19 +430,20 @@ def test_a_job_whose_nodes_keep_dying_fails():
     second = ({b"den1", b"den2"} - {first}).pop()
     t0 = sim.now
     sim.send(second, Heartbeat(), at=t0 + EXPIRY)
-    assert only(sim.tick(t0 + EXPIRY + 0.5), JobAssign, second)
+    assert only(sim.tick(t0 + EXPIRY + 0.5), DenoiseJob, second)
     failed = only(sim.tick(t0 + 2 * EXPIRY + 1), RequestFailed, CLIENT)
-    assert "denoiser" in failed.error and "2 times" in failed.error
+    assert failed.error == "denoise job lost 2 times: nodes keep dying"
+    assert (failed.code, failed.retryable) == (errors.MODEL_ERROR, False)
     assert sim.core.requests == {} and sim.core.jobs == {}
 
 
 def test_goodbye_removes_the_node_at_once_and_requeues_its_job():
     sim = Sim()
     sim.register(ENC, ENCODER)
-    job = only(sim.send(CLIENT, request()), JobAssign, ENC)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
     assert sim.send(ENC, WorkerGoodbye()) == []
     assert ENC not in sim.core.workers
-    assert only(sim.register(b"enc2", ENCODER), JobAssign, b"enc2").job_id == job.job_id
+    assert only(sim.register(b"enc2", ENCODER), EncodeJob, b"enc2").job_id == job.job_id
 
 
 def test_broker_heartbeats_every_known_node():
@@ -386,17 +458,52 @@ def test_broker_heartbeats_every_known_node():
 # --- failures ---------------------------------------------------------------------------------
 
 
-def test_a_failed_job_fails_the_request_naming_the_service():
+def test_a_failed_job_fails_the_request_naming_the_stage_and_node():
     sim = Sim()
     sim.register(ENC, ENCODER)
     sim.register(DEN, DENOISER)
-    denoise = only(to_denoise(sim, "r1"), JobAssign, DEN)
-    out = sim.send(DEN, JobFailed(job_id=denoise.job_id, error="out of memory: CUDA"))
+    denoise = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    out = sim.send(DEN, JobFailed(job_id=denoise.job_id, error="scheduler exploded"))
     failed = only(out, RequestFailed, CLIENT)
-    assert failed.request_id == "r1" and not failed.retryable
-    assert "denoiser" in failed.error and "den-node" in failed.error and "out of memory: CUDA" in failed.error
+    assert failed.request_id == "r1"
+    assert (failed.code, failed.field, failed.retryable) == (errors.MODEL_ERROR, None, False)
+    assert failed.error == "denoise on den-node failed: scheduler exploded"
     assert sim.core.requests == {} and sim.core.jobs == {}
     assert not sim.core.workers[DEN].jobs
+
+
+def test_a_node_out_of_memory_fails_the_request_as_retryable():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    denoise = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    out = sim.send(DEN, JobFailed(job_id=denoise.job_id, error="CUDA out of memory", code=errors.OUT_OF_MEMORY))
+    failed = only(out, RequestFailed, CLIENT)
+    assert (failed.code, failed.retryable) == (errors.OUT_OF_MEMORY, True)
+    assert failed.error == "denoise on den-node failed: CUDA out of memory"
+
+
+def test_a_request_a_node_cannot_serve_fails_naming_the_field_in_the_nodes_words():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    denoise = only(to_denoise(sim, "r1", height=1000), DenoiseJob, DEN)
+    error = "height must be a multiple of 16 for this model (got 1000)"
+    out = sim.send(DEN, JobFailed(job_id=denoise.job_id, error=error, code=errors.INVALID_REQUEST, field="height"))
+    failed = only(out, RequestFailed, CLIENT)
+    assert failed == RequestFailed(
+        request_id="r1", error=error, code=errors.INVALID_REQUEST, field="height", retryable=False
+    )
+    assert sim.core.requests == {} and sim.core.jobs == {}
+
+
+def test_a_failure_code_the_broker_does_not_know_becomes_a_model_error():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    encode = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    failed = only(sim.send(ENC, JobFailed(job_id=encode.job_id, error="odd", code="gremlins")), RequestFailed)
+    assert (failed.code, failed.retryable) == (errors.MODEL_ERROR, False)
+    assert failed.error == "encode on enc-node failed: odd"
 
 
 def test_a_failed_decode_cancels_the_other_images():
@@ -404,64 +511,76 @@ def test_a_failed_decode_cancels_the_other_images():
     sim.register(ENC, ENCODER)
     sim.register(DEN, DENOISER)
     sim.register(DEC, DECODER, capacity=2)
-    denoise = only(to_denoise(sim, "r1", num_images=3), JobAssign, DEN)
-    out = sim.send(DEN, JobDone(job_id=denoise.job_id, payload={"latents": latents(3), "params": {}}))
-    running = sent(out, JobAssign, DEC)
+    denoise = only(to_denoise(sim, "r1", num_images=3), DenoiseJob, DEN)
+    out = sim.send(DEN, denoised(denoise, 3))
+    running = sent(out, DecodeJob, DEC)
     assert len(running) == 2  # the third waits for a free slot
     out = sim.send(DEC, JobFailed(job_id=running[0].job_id, error="boom"))
-    assert "decoder" in only(out, RequestFailed, CLIENT).error
+    assert only(out, RequestFailed, CLIENT).error == "decode on dec-node failed: boom"
     assert [c.job_id for c in sent(out, JobCancel, DEC)] == [running[1].job_id]
-    assert not sent(out, JobAssign)  # the queued third job is gone, not dispatched
+    assert not sent(out, StageJob)  # the queued third job is gone, not dispatched
     assert sim.status().queues[f"decoder/{MODEL}"] == 0
 
 
 @pytest.mark.parametrize(
-    ("service", "payload"),
+    ("stage", "answer"),
     [
-        (DENOISER, {"latents": latents(2), "params": {}}),  # 2 images' latents for a 3-image request
-        (DENOISER, {"latents": latents(4), "params": {}}),
-        (DENOISER, {"latents": torch.tensor(1.0), "params": {}}),
-        (DENOISER, {"latents": [1, 2, 3], "params": {}}),
-        (DENOISER, {"latents": latents(3)}),
-        (DENOISER, {"latents": latents(3), "params": [1]}),
-        (DENOISER, {}),
-        (ENCODER, {"embeds": [1]}),
-        (ENCODER, {"prompt_embeds": latents(1)}),
-        (DECODER, {"png": "not bytes"}),
-        (DECODER, {}),
+        ("denoise", lambda job: denoised(job, 2)),  # 2 images' latents for a 3-image request
+        ("denoise", lambda job: denoised(job, 4)),
+        ("denoise", lambda job: denoised(job, latents=torch.tensor(1.0))),
+        ("denoise", lambda job: embedded(job)),
+        ("encode", lambda job: denoised(job, 3)),
+        ("encode", lambda job: decoded(job)),
+        ("decode", lambda job: embedded(job)),
+        ("decode", lambda job: denoised(job, 1)),
     ],
     ids=[
         "latents-2",
         "latents-4",
         "latents-0d",
-        "latents-list",
-        "no-params",
-        "params-list",
-        "empty",
-        "embeds-list",
-        "no-embeds",
-        "png-str",
-        "no-png",
+        "denoise-answers-embeddings",
+        "encode-answers-latents",
+        "encode-answers-image",
+        "decode-answers-embeddings",
+        "decode-answers-latents",
     ],
 )
-def test_a_malformed_result_fails_the_request(service, payload):
+def test_a_malformed_result_fails_the_request(stage, answer):
     sim = Sim()
     sim.register(ENC, ENCODER)
     sim.register(DEN, DENOISER)
     sim.register(DEC, DECODER)
     out = sim.send(CLIENT, request(num_images=3))
-    if service != ENCODER:
-        out = sim.send(ENC, JobDone(job_id=only(out, JobAssign, ENC).job_id, payload={"embeds": EMBEDS}))
-    if service == DECODER:
-        done = {"latents": latents(3), "params": {}}
-        out = sim.send(DEN, JobDone(job_id=only(out, JobAssign, DEN).job_id, payload=done))
-    holder = {ENCODER: ENC, DENOISER: DEN, DECODER: DEC}[service]
-    job = only(out, JobAssign, holder)
-    out = sim.send(holder, JobDone(job_id=job.job_id, payload=payload))
+    if stage != "encode":
+        out = sim.send(ENC, embedded(only(out, EncodeJob, ENC)))
+    if stage == "decode":
+        out = sim.send(DEN, denoised(only(out, DenoiseJob, DEN), 3))
+    holder = {"encode": ENC, "denoise": DEN, "decode": DEC}[stage]
+    job = only(out, StageJob, holder)
+    assert job.STAGE == stage
+    out = sim.send(holder, answer(job))
     failed = only(out, RequestFailed, CLIENT)
-    assert service in failed.error and "malformed" in failed.error
-    assert not sent(out, JobAssign) and not sent(out, ImageResult)
-    assert sim.core.requests == {}
+    assert failed.error.startswith(f"{stage} returned a malformed result")
+    assert (failed.code, failed.retryable) == (errors.MODEL_ERROR, False)
+    assert not sent(out, StageJob) and not sent(out, ImageResult)
+    assert sim.core.requests == {} and sim.core.jobs == {}
+    assert not sim.core.workers[holder].jobs
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        DecodedImage(job_id="j", png="not bytes"),  # type: ignore[arg-type]
+        Embeddings(job_id="j", embeds=[1]),  # type: ignore[arg-type]
+        DenoisedLatents(job_id="j", latents=[1, 2, 3], params=PARAMS),  # type: ignore[arg-type]
+        DenoisedLatents(job_id="j", latents=latents(1), params=[1]),  # type: ignore[arg-type]
+    ],
+    ids=["png-str", "embeds-list", "latents-list", "params-list"],
+)
+def test_a_result_with_a_field_of_the_wrong_type_is_refused_before_the_core(result):
+    # The broker drops what does not decode (see protocol.broker): the core never sees such a result.
+    with pytest.raises(ProtocolError, match="wrong type"):
+        wire(result)
 
 
 # --- requests the broker refuses or cannot place ----------------------------------------------
@@ -473,6 +592,11 @@ def test_a_malformed_result_fails_the_request(service, payload):
         ({"steps": 0}, "steps"),
         ({"num_images": 17}, "num_images"),
         ({"height": 100}, "height"),
+        ({"height": 8192, "width": 8192}, "height"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"true_cfg": -1.0}, "true_cfg"),
+        ({"seed": -1}, "seed"),
+        ({"timeout": 0.0}, "timeout"),
         ({"request_id": ""}, "request_id"),
     ],
 )
@@ -482,7 +606,8 @@ def test_an_invalid_request_fails_naming_the_field(changes, field):
     out = sim.send(CLIENT, request(**changes))
     assert [type(m) for _, m in out] == [RequestFailed]
     failed = only(out, RequestFailed, CLIENT)
-    assert failed.error.startswith(field) and not failed.retryable
+    assert (failed.code, failed.field, failed.retryable) == (errors.INVALID_REQUEST, field, False)
+    assert failed.error.startswith(field)
     assert sim.core.requests == {} and sim.core.jobs == {}
 
 
@@ -492,7 +617,8 @@ def test_too_many_requests_is_a_retryable_busy_error():
     assert sent(sim.send(CLIENT, request("r2")), RequestAccepted)
     out = sim.send(CLIENT, request("r3"))
     failed = only(out, RequestFailed, CLIENT)
-    assert failed.request_id == "r3" and failed.retryable and "busy" in failed.error
+    assert failed.request_id == "r3" and "busy" in failed.error
+    assert (failed.code, failed.field, failed.retryable) == (errors.BUSY, None, True)
     assert not sent(out, RequestAccepted) and "r3" not in sim.core.requests
     assert sent(sim.send(CLIENT, request("r1")), RequestAccepted)  # a resend is not a new request
     sim.send(CLIENT, CancelRequest(request_id="r1"))
@@ -504,15 +630,15 @@ def test_a_request_without_a_model_gets_the_only_one():
     sim.register(ENC, ENCODER)
     sim.register(DEN, DENOISER)
     out = sim.send(CLIENT, request(model=""))
-    assert only(out, JobAssign, ENC).payload["request"]["model"] == MODEL
+    assert only(out, EncodeJob, ENC).request.model == MODEL
 
 
 def test_a_request_without_a_model_waits_for_the_first_node():
     sim = Sim()
     out = sim.send(CLIENT, request(model=""))
-    assert sent(out, RequestAccepted) and not sent(out, JobAssign)
+    assert sent(out, RequestAccepted) and not sent(out, StageJob)
     out = sim.register(ENC, ENCODER)
-    assert only(out, JobAssign, ENC).payload["request"]["model"] == MODEL
+    assert only(out, EncodeJob, ENC).request.model == MODEL
 
 
 def test_a_request_without_a_model_fails_when_two_are_served():
@@ -521,6 +647,7 @@ def test_a_request_without_a_model_fails_when_two_are_served():
     sim.register(b"enc-b", ENCODER, model="model-b")
     failed = only(sim.send(CLIENT, request(model="")), RequestFailed, CLIENT)
     assert "model-a" in failed.error and "model-b" in failed.error
+    assert (failed.code, failed.field, failed.retryable) == (errors.INVALID_REQUEST, "model", False)
     assert sim.core.requests == {}
 
 
@@ -528,11 +655,13 @@ def test_a_request_with_no_denoiser_for_its_model_times_out_saying_so():
     sim = Sim()
     sim.register(ENC, ENCODER)
     t0 = sim.now
-    job = only(sim.send(CLIENT, request(timeout=10.0)), JobAssign, ENC)
-    sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS}), at=t0 + 1)
+    job = only(sim.send(CLIENT, request(timeout=10.0)), EncodeJob, ENC)
+    sim.send(ENC, embedded(job), at=t0 + 1)
+    sim.send(ENC, Heartbeat(), at=t0 + 9)  # the model is served: only its denoiser is missing
     assert not sent(sim.tick(t0 + 10.0), RequestFailed)
     failed = only(sim.tick(t0 + 10.5), RequestFailed, CLIENT)
     assert failed.error == f"no denoiser node serves model {MODEL}"
+    assert (failed.code, failed.retryable) == (errors.NO_NODE, True)
     assert sim.core.requests == {} and sim.core.jobs == {}
     assert sim.status().queues[f"denoiser/{MODEL}"] == 0
 
@@ -541,18 +670,34 @@ def test_a_request_whose_job_runs_too_long_times_out_and_cancels_it():
     sim = Sim()
     sim.register(ENC, ENCODER)
     t0 = sim.now
-    job = only(sim.send(CLIENT, request(timeout=2.0)), JobAssign, ENC)
+    job = only(sim.send(CLIENT, request(timeout=2.0)), EncodeJob, ENC)
     sim.send(ENC, Heartbeat(), at=t0 + 2)
     out = sim.tick(t0 + 2.5)
-    assert only(out, RequestFailed, CLIENT).error == "timed out after 2s"
+    failed = only(out, RequestFailed, CLIENT)
+    assert failed.error == "timed out after 2s"
+    assert (failed.code, failed.retryable) == (errors.TIMEOUT, False)
     assert only(out, JobCancel, ENC).job_id == job.job_id
+
+
+def test_a_request_for_a_model_no_node_serves_times_out_saying_so():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    t0 = sim.now
+    sim.send(CLIENT, request(model="no-such-model", timeout=1.0))
+    sim.send(ENC, Heartbeat(), at=t0 + 1)
+    failed = only(sim.tick(t0 + 1.5), RequestFailed, CLIENT)
+    assert failed.error == "no node serves model no-such-model"
+    assert (failed.code, failed.retryable) == (errors.UNKNOWN_MODEL, False)
+    assert sim.status().queues["encoder/no-such-model"] == 0
 
 
 def test_a_request_for_no_model_times_out_saying_so():
     sim = Sim()
     t0 = sim.now
     sim.send(CLIENT, request(model="", timeout=1.0))
-    assert only(sim.tick(t0 + 1.5), RequestFailed, CLIENT).error == "no node serves any model yet"
+    failed = only(sim.tick(t0 + 1.5), RequestFailed, CLIENT)
+    assert failed.error == "no node serves any model yet"
+    assert (failed.code, failed.retryable) == (errors.NO_NODE, True)
 
 
 # --- control messages -------------------------------------------------------------------------
@@ -568,7 +713,7 @@ def test_a_heartbeat_from_an_unknown_node_asks_it_to_reconnect():
 def test_cancel_removes_the_request_and_cancels_its_running_job():
     sim = Sim()
     sim.register(ENC, ENCODER)
-    job = only(sim.send(CLIENT, request()), JobAssign, ENC)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
 
     assert sim.send(b"intruder", CancelRequest(request_id="r1")) == []  # only the owner may cancel
     assert "r1" in sim.core.requests
@@ -577,20 +722,33 @@ def test_cancel_removes_the_request_and_cancels_its_running_job():
     assert only(out, JobCancel, ENC).job_id == job.job_id
     failed = only(out, RequestFailed, CLIENT)
     assert failed.request_id == "r1" and "cancel" in failed.error
+    assert (failed.code, failed.retryable) == (errors.CANCELLED, False)
     assert sim.core.requests == {} and sim.core.jobs == {}
 
     # The node answers the cancel; that frees its slot for the next request.
-    assert sim.send(ENC, JobFailed(job_id=job.job_id, error="cancelled")) == []
-    assert only(sim.send(CLIENT, request("r2")), JobAssign, ENC).request_id == "r2"
+    assert sim.send(ENC, JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED)) == []
+    assert only(sim.send(CLIENT, request("r2")), EncodeJob, ENC).request_id == "r2"
+
+
+def test_a_result_for_a_cancelled_request_frees_the_node_and_is_dropped():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    sim.send(CLIENT, CancelRequest(request_id="r1"))
+    assert sim.send(ENC, embedded(job)) == []  # finished before it read the cancel
+    assert not sim.core.workers[ENC].jobs
+    assert only(sim.send(CLIENT, request("r2")), EncodeJob, ENC).request_id == "r2"
 
 
 def test_cancel_of_a_queued_job_takes_it_off_the_queue():
     sim = Sim()
     sim.register(ENC, ENCODER)
     sim.send(CLIENT, request("r1"))
-    assert not sent(sim.send(CLIENT, request("r2")), JobAssign)
+    assert not sent(sim.send(CLIENT, request("r2")), StageJob)
     out = sim.send(CLIENT, CancelRequest(request_id="r2"))
-    assert not sent(out, JobCancel) and only(out, RequestFailed, CLIENT).request_id == "r2"
+    assert not sent(out, JobCancel)
+    failed = only(out, RequestFailed, CLIENT)
+    assert (failed.request_id, failed.code) == ("r2", errors.CANCELLED)
     assert sim.status().queues[f"encoder/{MODEL}"] == 0
 
 
@@ -598,9 +756,10 @@ def test_job_progress_is_forwarded_to_the_client():
     sim = Sim()
     sim.register(ENC, ENCODER)
     sim.register(DEN, DENOISER)
-    denoise = only(to_denoise(sim, "r1"), JobAssign, DEN)
+    denoise = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
     out = sim.send(DEN, JobProgress(job_id=denoise.job_id, step=3, total=20))
-    assert out == [(CLIENT, ProgressEvent(request_id="r1", stage="denoiser", node="den-node", step=3, total=20))]
+    expected = ProgressEvent(request_id="r1", stage="denoise", service=DENOISER, node="den-node", step=3, total=20)
+    assert out == [(CLIENT, expected)]
     assert sim.send(ENC, JobProgress(job_id=denoise.job_id, step=4, total=20)) == []  # not its job
     assert sim.send(DEN, JobProgress(job_id="unknown", step=4, total=20)) == []
 
@@ -650,15 +809,15 @@ def test_clients_take_turns_for_a_busy_node():
     """A client with many requests queued does not hold back another client's first one."""
     sim = Sim()
     sim.register(ENC, ENCODER)
-    first = only(sim.send(b"greedy", request("g0")), JobAssign, ENC)
+    first = only(sim.send(b"greedy", request("g0")), EncodeJob, ENC)
     for i in range(1, 6):
-        assert not sent(sim.send(b"greedy", request(f"g{i}")), JobAssign)  # the one node is busy
-    assert not sent(sim.send(b"polite", request("p0")), JobAssign)
+        assert not sent(sim.send(b"greedy", request(f"g{i}")), StageJob)  # the one node is busy
+    assert not sent(sim.send(b"polite", request("p0")), StageJob)
     order = []
     job = first
     for _ in range(6):
-        out = sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS}))
-        job = only(out, JobAssign, ENC)
+        out = sim.send(ENC, embedded(job))
+        job = only(out, EncodeJob, ENC)
         order.append(job.request_id)
     assert order == ["g1", "p0", "g2", "g3", "g4", "g5"]
 
@@ -667,14 +826,15 @@ def test_turns_go_per_named_user_across_connections():
     """A gateway spreads a user's requests over its pooled connections: they still share one turn."""
     sim = Sim()
     sim.register(ENC, ENCODER)
-    first = only(sim.send(b"conn1", request("a0", user="alice")), JobAssign, ENC)
+    first = only(sim.send(b"conn1", request("a0", user="alice")), EncodeJob, ENC)
     for i, conn in enumerate((b"conn2", b"conn3", b"conn1"), start=1):
         sim.send(conn, request(f"a{i}", user="alice"))
     sim.send(b"conn2", request("b0", user="bob"))
     sim.send(b"conn2", request("c0"))  # no user: its connection takes turns
     order, job = [], first
     for _ in range(5):
-        job = only(sim.send(ENC, JobDone(job_id=job.job_id, payload={"embeds": EMBEDS})), JobAssign, ENC)
+        job = only(sim.send(ENC, embedded(job)), EncodeJob, ENC)
         order.append(job.request_id)
     assert order == ["a1", "b0", "c0", "a2", "a3"]
-    assert "user" not in job.payload["request"]  # nodes are not told whom a request is for
+    # Nodes are not told whom a request is for, nor how long it may take.
+    assert {f.name for f in dataclasses.fields(job.request)}.isdisjoint({"user", "timeout"})

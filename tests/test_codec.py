@@ -513,10 +513,11 @@ def test_decode_refuses_too_many_dims():
         codec.decode([header(tensor_ext("uint8", [1] * (MAX_DIMS + 1), b"\x07"))])
 
 
+@pytest.mark.parametrize("torch_tensors", [False, True], ids=["wire", "torch"])
 @pytest.mark.parametrize("shape", [[2**20, 2**20, 2**20], [0, 2**62, 2**62], [0, 2**64 - 1]], ids=str)
-def test_decode_refuses_absurd_sizes_without_allocating(shape):
+def test_decode_refuses_absurd_sizes_without_allocating(shape, torch_tensors):
     with pytest.raises(CodecError):
-        codec.decode([header(tensor_ext("float32", shape, 1)), b""])
+        codec.decode([header(tensor_ext("float32", shape, 1)), b""], torch_tensors=torch_tensors)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def test_cli_png_matches_diffusers(cluster, checkpoints, reference, tmp_path, mo
     assert meta["prompt"] == PROMPT and meta["negative_prompt"] == NEGATIVE
     assert (meta["seed"], meta["steps"], meta["guidance"]) == ("1234", "5", "6.5")
     assert (meta["height"], meta["width"], meta["model"]) == (str(height), str(width), model)
-    assert meta["pipeline_guidance"] == "guidance_scale=6.5"
+    assert "true_cfg" not in meta  # StableDiffusionPipeline has no true_cfg_scale
 
 
 @pytest.mark.parametrize("model", ["sd-tiny", "pixart-tiny"])
@@ -165,3 +165,31 @@ def test_concurrent_compatible_requests_share_denoiser_batches(cluster, checkpoi
     for i, (image,) in results.items():  # and batching changed no result
         expected = reference(checkpoints["sd-tiny"], 100 + i, prompt=f"batched {i}", num_inference_steps=30)
         assert max_pixel_difference(image.png, expected) <= 1
+
+
+def test_an_ignored_negative_prompt_is_diffusers_way_with_a_warning(cluster, checkpoints, reference, tmp_path):
+    """guidance_scale 1 turns classifier-free guidance off: the pipeline ignores the negative prompt."""
+    result = cluster.generate_cli(
+        PROMPT,
+        *("--model", "sd-tiny", "--negative-prompt", NEGATIVE, "--guidance", "1", "--steps", "3"),
+        *("--seed", "8", "--out", str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "negative prompt is ignored" in warnings[0], result.stderr
+    (path,) = [Path(line) for line in result.stdout.splitlines()]
+    expected = reference(
+        checkpoints["sd-tiny"], 8, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=1.0, num_inference_steps=3
+    )
+    assert max_pixel_difference(path, expected) <= 1
+
+
+def test_an_option_the_pipeline_lacks_is_a_clear_error(cluster, tmp_path):
+    from triptych.client import GenerationError
+
+    result = cluster.generate_cli(PROMPT, "--model", "sd-tiny", "--true-cfg", "4", "--out", str(tmp_path))
+    assert result.returncode == 1 and not result.stdout
+    assert "--true-cfg" in result.stderr and "StableDiffusionPipeline" in result.stderr, result.stderr
+    with cluster.client() as client, pytest.raises(GenerationError) as info:
+        client.generate(PROMPT, model="sd-tiny", true_cfg=4.0, steps=2, seed=1)
+    assert (info.value.code, info.value.field) == ("invalid_request", "true_cfg")

@@ -54,10 +54,10 @@ def test_kill_9_mid_request_still_completes(pool, checkpoints, reference, servic
     def on_progress(event: ProgressEvent) -> None:
         if killed:
             return
-        if service == "decoder" and event.stage == "denoiser" and not frozen:
+        if service == "decoder" and event.service == "denoiser" and not frozen:
             freeze()  # while the denoiser works, so the decode jobs land on frozen nodes
             return
-        if event.stage != service or (service == "denoiser" and event.step < 2):
+        if event.service != service or (service == "denoiser" and event.step < 2):
             return
         victim = node_pid(event.node)
         os.kill(victim, signal.SIGKILL)
@@ -93,7 +93,7 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(pool, checkpoints, referenc
     procs = {p.pid: p for p in pool.processes}
 
     def on_progress(event: ProgressEvent) -> None:
-        if event.stage == "denoiser" and event.step == 2 and not stopped:
+        if event.service == "denoiser" and event.step == 2 and not stopped:
             pid = node_pid(event.node)
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)

@@ -27,7 +27,7 @@ from decoder_node.png import read_metadata
 from protocol import errors
 from protocol.messages import StatusReply
 from protocol.validation import MAX_GUIDANCE
-from tests.support import ROOT, free_port, max_pixel_difference
+from tests.support import ROOT, free_port, max_pixel_difference, metric, scrape
 from triptych.client import BROKER_UNAVAILABLE, GeneratedImage, GenerationCancelled, GenerationError
 from triptych.http import (
     MAX_BODY_BYTES,
@@ -507,8 +507,6 @@ def test_url_response_format_serves_the_png(sdk):
 
 @pytest.mark.e2e
 def test_a_client_that_hangs_up_cancels_the_work(gateway, cluster):
-    from tests.support import metric, scrape  # broker-side test helpers: the gateway's own tests need none
-
     def in_flight() -> int:
         with cluster.client() as client:
             return client.status().requests_in_flight

@@ -19,17 +19,20 @@ from protocol.messages import (
     DENOISER,
     ENCODER,
     CancelRequest,
+    DecodedImage,
+    DenoisedLatents,
+    Embeddings,
     GenerateRequest,
     Heartbeat,
-    JobAssign,
-    JobDone,
     JobProgress,
     Message,
+    ResolvedParams,
+    StageJob,
     StatusReply,
     StatusRequest,
     WorkerReady,
 )
-from protocol.metrics import PrometheusMetrics, clean_stats, host_of
+from protocol.metrics import BrokerMetrics, PrometheusMetrics, clean_stats, host_of
 from tests.support import ROOT, metric, scrape
 from triptych.client import GenerationCancelled, GenerationError
 from triptych.status import format_status
@@ -57,9 +60,23 @@ class Broker:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def job_of(sent: list[Message]) -> JobAssign:
-    (job,) = [m for m in sent if isinstance(m, JobAssign)]
+def job_of(sent: list[Message]) -> StageJob:
+    (job,) = [m for m in sent if isinstance(m, StageJob)]
     return job
+
+
+PARAMS = ResolvedParams(
+    model=MODEL,
+    family="sd",
+    prompt="a fox",
+    negative_prompt="",
+    seed=1,
+    steps=4,
+    guidance=7.5,
+    true_cfg=None,
+    height=64,
+    width=64,
+)
 
 
 def request(request_id: str, **changes) -> GenerateRequest:
@@ -76,14 +93,14 @@ def broker() -> Broker:
 
 def test_a_served_request_counts_once_with_stage_and_step_times(broker):
     encode = job_of(broker.send(CLIENT, request("r1", num_images=2, steps=4), now=10.0))
-    denoise = job_of(broker.send(ENC, JobDone(job_id=encode.job_id, payload={"embeds": {"e": torch.ones(1)}}), 10.5))
+    denoise = job_of(broker.send(ENC, Embeddings(job_id=encode.job_id, embeds={"e": torch.ones(1)}), 10.5))
     for step, at in ((1, 11.0), (2, 11.2), (4, 11.6)):  # step 3 never reported: 2 steps in 0.4 s
         broker.send(DEN, JobProgress(job_id=denoise.job_id, step=step, total=4), now=at)
-    payload = {"latents": torch.zeros(2, 4, 8, 8), "params": {}}
-    sent = broker.send(DEN, JobDone(job_id=denoise.job_id, payload=payload), now=12.0)
+    done = DenoisedLatents(job_id=denoise.job_id, latents=torch.zeros(2, 4, 8, 8), params=PARAMS)
+    sent = broker.send(DEN, done, now=12.0)
     assert broker.value("triptych_queue_depth", service=DECODER, model=MODEL) == 1  # one decoder, two images
-    sent = broker.send(DEC, JobDone(job_id=job_of(sent).job_id, payload={"png": b"png"}), now=12.25)
-    broker.send(DEC, JobDone(job_id=job_of(sent).job_id, payload={"png": b"png"}), now=12.5)
+    sent = broker.send(DEC, DecodedImage(job_id=job_of(sent).job_id, png=b"png"), now=12.25)
+    broker.send(DEC, DecodedImage(job_id=job_of(sent).job_id, png=b"png"), now=12.5)
 
     assert broker.value("triptych_requests_total", model=MODEL, outcome="completed") == 1
     assert broker.value("triptych_request_seconds_sum", model=MODEL) == pytest.approx(2.5)
@@ -132,8 +149,51 @@ def test_node_stats_reach_status_and_metrics_summed_per_model(broker):
 
     # Results carry stats too.
     encode = job_of(broker.send(CLIENT, request("r"), now=12.5))
-    broker.send(ENC, JobDone(job_id=encode.job_id, payload={"embeds": {}}, stats={"cache_hits": 9}), now=12.6)
+    broker.send(ENC, Embeddings(job_id=encode.job_id, embeds={}, stats={"cache_hits": 9}), now=12.6)
     assert broker.value("triptych_node_stat_total", service=ENCODER, model=MODEL, stat="cache_hits") == 10
+
+
+class Recorder(BrokerMetrics):
+    """Keeps every hook call, by hook name."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_request_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
+        self.calls.append(("request", model, outcome))
+
+    def on_job_finished(self, stage: str, model: str, seconds: float) -> None:
+        self.calls.append(("job", stage, model))
+
+    def on_steps(self, stage: str, model: str, steps: int, seconds: float) -> None:
+        self.calls.append(("steps", stage, model, steps))
+
+
+def test_the_hooks_name_stages_not_node_kinds():
+    recorder = Recorder()
+    core = BrokerCore(metrics=recorder)
+    for identity, service in ((ENC, ENCODER), (DEN, DENOISER), (DEC, DECODER)):
+        core.handle(identity, WorkerReady(service=service, model=MODEL, node=identity.decode()), 10.0)
+    core.handle(CLIENT, request("r1"), 10.0)
+
+    def job_sent_to(identity: bytes) -> StageJob:
+        sent, core.outbox = core.outbox, []
+        (job,) = [m for to, m in sent if to == identity and isinstance(m, StageJob)]
+        return job
+
+    core.handle(ENC, Embeddings(job_id=job_sent_to(ENC).job_id, embeds={}), 11.0)
+    denoise = job_sent_to(DEN)
+    for step in (1, 3):
+        core.handle(DEN, JobProgress(job_id=denoise.job_id, step=step, total=3), 11.0 + step)
+    core.handle(DEN, DenoisedLatents(job_id=denoise.job_id, latents=torch.zeros(1, 4, 8, 8), params=PARAMS), 15.0)
+    core.handle(DEC, DecodedImage(job_id=job_sent_to(DEC).job_id, png=b"png"), 16.0)
+    assert recorder.calls == [
+        ("job", "encode", MODEL),
+        ("steps", "denoise", MODEL, 2),
+        ("job", "denoise", MODEL),
+        ("job", "decode", MODEL),
+        ("request", MODEL, "completed"),
+    ]
 
 
 def test_clean_stats_keeps_named_finite_counters():
@@ -184,8 +244,9 @@ def test_status_and_metrics_follow_a_served_request(cluster):
 
     with cluster.client() as client:
         client.generate("a red fox", model=MODEL, steps=3, seed=1, num_images=2)
-        with pytest.raises(GenerationError, match="steps must be"):
+        with pytest.raises(GenerationError, match="steps must be") as refused:
             client.generate("a red fox", model=MODEL, steps=0, seed=1)
+        assert (refused.value.code, refused.value.field) == ("invalid_request", "steps")
         cancel = threading.Event()
         with pytest.raises(GenerationCancelled):
             client.generate(
