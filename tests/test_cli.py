@@ -52,3 +52,27 @@ def test_no_t5_fails_at_node_start_for_a_family_that_needs_t5(tmp_path):
     )
     assert result.returncode == 2
     assert "--no-t5: flux cannot run without its T5 encoder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "own_flag"), [("encoder", "--cache-mb"), ("denoiser", "--max-batch"), ("decoder", "--vae-tiling")]
+)
+def test_the_cli_starts_each_node_through_its_entry_point(service, own_flag):
+    result = subprocess.run(
+        [sys.executable, "-m", "triptych", service, "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"usage: triptych {service}" in result.stdout
+    assert own_flag in result.stdout and "--broker" in result.stdout and "--curve-secret" in result.stdout
+
+
+def test_a_bad_node_flag_is_named_at_start(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["x", "y"]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "triptych", "denoiser", "--model", str(tmp_path), "--max-batch", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "--max-batch must be at least 1" in result.stderr
