@@ -19,6 +19,7 @@ METADATA_KEYS = (
     "true_cfg",  # true_cfg_scale as passed to the pipeline
     "width",
     "height",
+    "scheduler",
     "model",
     "family",
 )

@@ -64,6 +64,7 @@ class RequestSpec:
     width: int | None = None
     seed: int  # image i uses seed + i
     num_images: int = 1
+    scheduler: str | None = None  # a sampler name (euler_a, dpmpp_2m...); None: the checkpoint's own
 
 
 @dataclass(kw_only=True)
@@ -80,6 +81,7 @@ class ResolvedParams:
     true_cfg: float | None  # true_cfg_scale as passed (None: the pipeline has no such argument)
     height: int
     width: int
+    scheduler: str = ""  # the sampler name asked for, or the checkpoint's scheduler class
 
 
 # --- client -> broker ---------------------------------------------------------------------
@@ -104,6 +106,7 @@ class GenerateRequest(Message):
     width: int | None = None
     seed: int
     num_images: int = 1
+    scheduler: str | None = None  # a sampler name; None: the checkpoint's scheduler
     timeout: float = 300.0  # seconds the request may wait and run before it fails
     user: str = ""  # whom it is for: queued work takes turns per user ("" = per client connection)
 

@@ -103,8 +103,7 @@ def _decode_jobs(ctx: PlanContext) -> list[StageJob]:
         raise PlanError(f"expected latents for {count} image(s), got shape {list(latents.shape)}")
     # (num_images, ...) -> one (1, ...) row per decode job.
     return [
-        ctx.job(DecodeJob, params=denoised.params, index=index, latents=_rows(latents, index))
-        for index in range(count)
+        ctx.job(DecodeJob, params=denoised.params, index=index, latents=_rows(latents, index)) for index in range(count)
     ]
 
 

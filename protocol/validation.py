@@ -54,6 +54,8 @@ def request_error(req: GenerateRequest) -> tuple[str, str] | None:
             )
     if req.height is not None and req.width is not None and req.height * req.width > MAX_PIXELS:
         return "height", f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
+    if req.scheduler is not None and not 1 <= len(req.scheduler) <= 64:
+        return "scheduler", "scheduler must be a sampler name of 1 to 64 characters"
     if not 1 <= req.num_images <= MAX_IMAGES:
         return "num_images", f"num_images must be between 1 and {MAX_IMAGES} (got {req.num_images})"
     if not 0 <= req.seed <= MAX_SEED - req.num_images:

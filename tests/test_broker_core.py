@@ -557,7 +557,7 @@ def test_a_malformed_result_fails_the_request(stage, answer):
         out = sim.send(DEN, denoised(only(out, DenoiseJob, DEN), 3))
     holder = {"encode": ENC, "denoise": DEN, "decode": DEC}[stage]
     job = only(out, StageJob, holder)
-    assert job.STAGE == stage
+    assert stage == job.STAGE
     out = sim.send(holder, answer(job))
     failed = only(out, RequestFailed, CLIENT)
     assert failed.error.startswith(f"{stage} returned a malformed result")

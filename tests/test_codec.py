@@ -310,7 +310,15 @@ def test_a_wire_tensor_refuses_bytes_that_do_not_fill_its_shape(dtype, shape, le
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "bool", "int64", "uint8"])
 @pytest.mark.parametrize(
     ("shape", "start", "stop"),
-    [((5, 3), 0, 5), ((5, 3), 1, 2), ((5, 3), 4, 5), ((5, 3), 2, 2), ((300, 2), 100, 250), ((7,), 3, 6), ((4, 0), 1, 3)],
+    [
+        ((5, 3), 0, 5),
+        ((5, 3), 1, 2),
+        ((5, 3), 4, 5),
+        ((5, 3), 2, 2),
+        ((300, 2), 100, 250),
+        ((7,), 3, 6),
+        ((4, 0), 1, 3),
+    ],
     ids=str,
 )
 def test_wire_tensor_rows_equal_torch_slicing(name, shape, start, stop):

@@ -476,6 +476,13 @@ def test_a_bad_field_is_a_400_naming_it(sdk, change, param):
 
 
 @pytest.mark.e2e
+def test_an_option_the_pipeline_lacks_is_a_400_naming_it(sdk):
+    with pytest.raises(openai.BadRequestError) as caught:  # refused by the node: StableDiffusionPipeline has none
+        sdk.images.generate(model="sd-tiny", prompt=PROMPT, size="64x64", extra_body={"true_cfg_scale": 4.0})
+    assert (caught.value.param, caught.value.code) == ("true_cfg_scale", "invalid_request")
+
+
+@pytest.mark.e2e
 def test_an_unknown_model_is_a_404(sdk):
     with pytest.raises(openai.NotFoundError) as caught:
         sdk.images.generate(model="dall-e-3", prompt=PROMPT)

@@ -139,7 +139,7 @@ def stage(name: str) -> Stage:
 def test_the_encode_job_carries_what_to_make_and_not_whom_it_is_for():
     req = request(num_images=2, steps=12, user="alice", timeout=30.0)
     (job,) = stage(ENCODE).jobs(PlanContext(request=req, results={}))
-    assert isinstance(job, EncodeJob) and (job.STAGE, job.SERVICE) == (ENCODE, STAGE_SERVICE[ENCODE])
+    assert isinstance(job, EncodeJob) and (ENCODE, STAGE_SERVICE[ENCODE]) == (job.STAGE, job.SERVICE)
     assert (job.request_id, job.request) == ("r1", req.spec())
     assert job.job_id
     (again,) = stage(ENCODE).jobs(PlanContext(request=req, results={}))
@@ -197,7 +197,9 @@ def test_an_image_has_its_index_seed_params_and_the_denoisers_warnings():
     ctx = PlanContext(request=request(num_images=2), results={DENOISE: [denoised]})
     job = stage(DECODE).jobs(ctx)[1]
     image = TEXT_TO_IMAGE.image(ctx, job, DecodedImage(job_id=job.job_id, png=b"png1"))
-    assert image == ImageResult(request_id="r1", index=1, seed=PARAMS.seed + 1, png=b"png1", params=PARAMS, warnings=["w"])
+    assert image == ImageResult(
+        request_id="r1", index=1, seed=PARAMS.seed + 1, png=b"png1", params=PARAMS, warnings=["w"]
+    )
 
 
 # --- plans refused at construction --------------------------------------------------------------
@@ -434,4 +436,3 @@ def test_a_malformed_input_to_a_later_stage_fails_the_request_naming_the_stages_
     failed = only(out, RequestFailed, CLIENT)
     assert failed.error.startswith("encode/style returned a malformed result")
     assert failed.code == errors.MODEL_ERROR and sim.core.requests == {} and sim.core.jobs == {}
-

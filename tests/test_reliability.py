@@ -18,8 +18,16 @@ import pytest
 import torch
 import zmq
 
-from protocol import messages
-from protocol.messages import SERVICES, GenerateRequest, JobDone, WorkerReady
+from protocol import errors, messages
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    SERVICES,
+    DenoisedLatents,
+    Embeddings,
+    GenerateRequest,
+    ResolvedParams,
+    WorkerReady,
+)
 from tests.support import ROOT, ProcessCluster, free_port, node_pid, serving
 from triptych.client import Client, GenerationError
 
@@ -43,32 +51,62 @@ def _decoy_request() -> GenerateRequest:
 def _hostile_messages(rng: random.Random, count: int) -> Iterator[list[bytes]]:
     """Garbage, wrong types, unknown kinds and versions, lying tensors, deep nesting, mutations."""
     valid = [bytes(f) for f in messages.to_frames(_decoy_request())]
-    tensor = [bytes(f) for f in messages.to_frames(JobDone(job_id="x", payload={"t": torch.zeros(2048)}))]
+    tensor = [bytes(f) for f in messages.to_frames(Embeddings(job_id="x", embeds={"t": torch.zeros(2048)}))]
+    params = ResolvedParams(
+        model="fuzz-model",
+        family="sd",
+        prompt="fuzz",
+        negative_prompt="",
+        seed=1,
+        steps=2,
+        guidance=7.5,
+        true_cfg=None,
+        height=64,
+        width=64,
+    )
+    latents = [
+        bytes(f) for f in messages.to_frames(DenoisedLatents(job_id="x", latents=torch.zeros(3, 300), params=params))
+    ]
+    v = PROTOCOL_VERSION
+    spec = {"model": "fuzz-model", "prompt": "p", "seed": 1}
     fixed: list[list[bytes]] = [
         [b""],
         [b"\xc1"],  # a byte msgpack never uses
         [msgpack.packb([1, 2, 3])],
         [msgpack.packb({"v": 99, "kind": "generate"})],
-        [msgpack.packb({"v": 1, "kind": "no-such-kind"})],
-        [msgpack.packb({"v": 1, "kind": "generate", "request_id": 5, "prompt": None, "seed": "x"})],
-        [msgpack.packb({"v": 1, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1, "steps": 10**9})],
-        [msgpack.packb({"v": 1, "kind": "generate", "request_id": "r", "prompt": "p", "seed": -5})],
-        [msgpack.packb({"v": 1, "kind": "ready", "service": "denoiser", "model": "", "node": "x"})],
-        [msgpack.packb({"v": 1, "kind": "job_done", "job_id": "nope", "payload": {}})],
-        [msgpack.packb({"v": 1, "kind": "job_done", "job_id": "nope", "payload": {"png": 1}})],
+        [msgpack.packb({"v": v - 1, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1})],
+        [msgpack.packb({"v": v, "kind": "no-such-kind"})],
+        [msgpack.packb({"v": v, "kind": "generate", "request_id": 5, "prompt": None, "seed": "x"})],
+        [msgpack.packb({"v": v, "kind": "generate", "request_id": "r", "prompt": "p", "seed": 1, "steps": 10**9})],
+        [msgpack.packb({"v": v, "kind": "generate", "request_id": "r", "prompt": "p", "seed": -5})],
+        [msgpack.packb({"v": v, "kind": "ready", "service": "denoiser", "model": "", "node": "x"})],
+        [msgpack.packb({"v": v, "kind": "job_done", "job_id": "nope", "payload": {}})],  # a kind of version 1
+        [msgpack.packb({"v": v, "kind": "embeddings", "job_id": "nope", "embeds": {}})],
+        [msgpack.packb({"v": v, "kind": "embeddings", "job_id": "nope", "embeds": {"prompt_embeds": "text"}})],
+        [msgpack.packb({"v": v, "kind": "decoded", "job_id": "nope", "png": 1})],
+        [msgpack.packb({"v": v, "kind": "decoded", "job_id": "nope", "png": b"\x89PNG"})],
+        [msgpack.packb({"v": v, "kind": "latents", "job_id": "nope", "latents": b"", "params": {"seed": "1"}})],
+        [msgpack.packb({"v": v, "kind": "job_failed", "job_id": "nope", "error": "e", "code": "no-such-code"})],
+        [msgpack.packb({"v": v, "kind": "job_failed", "job_id": "nope", "error": "e", "field": 3})],
+        [msgpack.packb({"v": v, "kind": "heartbeat", "stats": {"deep": [[[{"x": None}]]]}})],
+        # Stage jobs flow broker -> node only: from a client or a node they are refused.
+        [msgpack.packb({"v": v, "kind": "encode_job", "job_id": "j", "request_id": "r", "request": spec})],
+        [msgpack.packb({"v": v, "kind": "encode_job", "job_id": "j", "request_id": "r", "request": {"x": 1}})],
         [msgpack.packb(msgpack.ExtType(1, msgpack.packb(["float32", [10**6, 10**6], 1])))],
+        [msgpack.packb(msgpack.ExtType(1, msgpack.packb(["float32", [0, 2**62, 2**62], b""])))],
         [msgpack.packb(msgpack.ExtType(1, msgpack.packb(["pickle", [1], b"x"])))],
         [msgpack.packb(msgpack.ExtType(42, b"boom"))],
         [b"\x91" * 100_000],  # nesting deeper than any stack
         [valid[0], b"an extra frame nobody refers to"],
         tensor[:1],  # the tensor's frame is missing
         [*tensor, b"x"],
+        latents[:1],
     ]
     for i in range(count):
         if i < len(fixed):
             yield fixed[i]
             continue
-        frames = [bytearray(f) for f in rng.choice([valid, tensor])]
+        frames = [bytearray(f) for f in rng.choice([valid, tensor, latents])]
         frame = frames[rng.randrange(len(frames))]
         for _ in range(rng.randint(1, 4)):
             action = rng.random()
@@ -119,12 +157,16 @@ def test_invalid_fields_are_named(rel):
         "num_images": {"num_images": 1000},
         "seed": {"seed": -1},
         "prompt": {"prompt": "x" * 20_000},
+        "true_cfg": {"true_cfg": 4.0},  # refused by the nodes: this pipeline has no true_cfg_scale
     }
     with rel.client(timeout=10) as client:
         for field, change in cases.items():
             kwargs = {"model": MODEL, "seed": 1, "prompt": "p", **change}
-            with pytest.raises(GenerationError, match=field):
+            with pytest.raises(GenerationError, match=field) as info:
                 client.generate(**kwargs)
+            assert info.value.code == errors.INVALID_REQUEST, (field, info.value)
+            assert info.value.field == field
+            assert not info.value.retryable
 
 
 def test_concurrent_clients_then_broker_kill_9(rel):
@@ -221,7 +263,7 @@ def test_busy_broker_refuses_clearly(tmp_path):
         time.sleep(1.5)
         with procs.client(timeout=10) as second, pytest.raises(GenerationError, match="busy") as info:
             second.generate("b", model=MODEL, seed=2)
-        assert info.value.retryable
+        assert info.value.retryable and info.value.code == errors.BUSY
         waiting.join(timeout=30)
         assert outcome and "no encoder node serves model" in outcome[0]
     finally:

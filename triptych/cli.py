@@ -53,6 +53,12 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
+    parser.add_argument(
+        "--scheduler",
+        metavar="NAME",
+        help="sampler: ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, "
+        "unipc; flow DiTs: flow_euler, flow_euler_karras, flow_euler_exponential (default: the checkpoint's)",
+    )
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up (default 300)")
     add_log_level(parser, "WARNING")
@@ -248,11 +254,13 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 width=args.width,
                 seed=seed,
                 num_images=args.num_images,
+                scheduler=args.scheduler,
                 on_progress=progress,
             )
     except GenerationError as exc:
         progress.close()
-        print(f"triptych: error: {exc}", file=sys.stderr)
+        option = f"{_flag(exc.field)}: " if exc.field and exc.field not in ("prompt", "request_id") else ""
+        print(f"triptych: error: {option}{exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         progress.close()
@@ -324,6 +332,11 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _flag(field: str) -> str:
+    """The option a request field comes from: true_cfg -> --true-cfg."""
+    return "--" + field.replace("_", "-")
 
 
 def _write(image: GeneratedImage, out: Path, prompt: str) -> Path:

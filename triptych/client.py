@@ -116,6 +116,7 @@ class Client:
         width: int | None = None,
         seed: int | None = None,
         num_images: int = 1,
+        scheduler: str | None = None,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
         cancel: threading.Event | None = None,
@@ -124,7 +125,8 @@ class Client:
         """Generate ``num_images`` images; image i uses ``seed + i``. Unset options: model defaults.
 
         Each option is the pipeline argument of its name: ``guidance`` is ``guidance_scale``,
-        ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it).
+        ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it); ``scheduler`` is
+        a sampler name (``euler_a``, ``dpmpp_2m_karras``, ``flow_euler``...), unset: the checkpoint's.
 
         ``user`` names whom the request is for (a gateway serving many people): the broker's
         queues take turns between users, and between clients that name none.
@@ -144,6 +146,7 @@ class Client:
             width=width,
             seed=secrets.randbelow(2**32) if seed is None else seed,
             num_images=num_images,
+            scheduler=scheduler,
             timeout=self.timeout if timeout is None else timeout,
             user=user,
         )

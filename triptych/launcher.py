@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.stages import DENOISER, SERVICES
+from protocol.stages import DECODER, DENOISER, ENCODER, SERVICES
 from triptych.client import Client, GenerationError
 from triptych.nodes import node_package
 
@@ -92,7 +92,7 @@ def cpu_threads(cores: int) -> dict[str, int]:
     lost its core. A quarter of the cores each (at least one) keeps them out of its way.
     """
     side = max(1, cores // 4)
-    return {"encoder": side, "denoiser": cores, "decoder": side}
+    return {ENCODER: side, DENOISER: cores, DECODER: side}
 
 
 def _denoiser_on_cpu(device: str) -> bool:

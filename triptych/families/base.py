@@ -8,10 +8,11 @@ components and calls the same methods diffusers would -- so results match diffus
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +21,7 @@ from PIL import Image
 from protocol.errors import RequestError
 from protocol.messages import RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
+from triptych.families.samplers import FLOW_SAMPLERS, NOISE_SAMPLERS, SAMPLERS
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Family:
     denoiser_attr: ClassVar[str] = "unet"
     # Encoder components the pipeline can do without (its T5), left out by the encoder's --no-t5.
     optional_t5: ClassVar[tuple[str, ...]] = ()
+    samplers: ClassVar[tuple[str, ...]] = NOISE_SAMPLERS  # names of triptych.families.samplers it can run
 
     # --- defaults ---------------------------------------------------------------------------
 
@@ -76,7 +79,7 @@ class Family:
         if not self.takes(pipe, "true_cfg_scale"):
             if request.true_cfg is not None:
                 raise RequestError(
-                    "true_cfg", f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (use --guidance)"
+                    "true_cfg", f"{type(pipe).__name__} has no true_cfg_scale: its guidance is guidance_scale"
                 )
             return None
         value = self.call_default(pipe, "true_cfg_scale") if request.true_cfg is None else request.true_cfg
@@ -204,13 +207,24 @@ class Family:
             true_cfg=self.true_cfg(pipe, request),
             height=request.height or height,
             width=request.width or width,
+            scheduler=self.sampler(pipe, request),
         )
+
+    def sampler(self, pipe: Any, request: RequestSpec) -> str:
+        """The sampler the request runs with: a name this family accepts, or the checkpoint's scheduler."""
+        name = request.scheduler
+        if name is None:
+            return type(pipe.scheduler).__name__
+        if name not in self.samplers:
+            accepted = ", ".join(self.samplers) or "none: only the checkpoint's own scheduler"
+            raise RequestError("scheduler", f"unknown scheduler {name!r} for {self.name}; it accepts {accepted}")
+        return name
 
     def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec) -> tuple:
         """Requests with equal keys can run as one pipeline call: same settings, same tensor shapes."""
         params = self.resolve_params(pipe, request)
         shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
-        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, shapes)
+        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler, shapes)
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         """Stack each request's embeddings (batch of one), repeated once per image it asked for."""
@@ -257,8 +271,23 @@ class Family:
             "output_type": "latent",
             **self._progress_kwargs(pipe, first.steps, on_step),
         }
-        latents = self.latents_of(pipe(**kwargs)).cpu()
+        with self._scheduler(pipe, first.scheduler):
+            latents = self.latents_of(pipe(**kwargs)).cpu()
         return list(zip(latents.split(counts), params, strict=True))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _scheduler(pipe: Any, name: str) -> Iterator[None]:
+        """Run with the named sampler built from the checkpoint's scheduler config, then put it back."""
+        if name not in SAMPLERS:  # the checkpoint's own
+            yield
+            return
+        original = pipe.scheduler
+        pipe.scheduler = SAMPLERS[name].build(original.config)
+        try:
+            yield
+        finally:
+            pipe.scheduler = original
 
     def latents_of(self, output: Any) -> torch.Tensor:
         """The latents in a pipeline's output with output_type="latent"."""
@@ -301,3 +330,4 @@ class TransformerFamily(Family):
     }
     cuda_dtype: ClassVar[torch.dtype] = torch.bfloat16
     denoiser_attr: ClassVar[str] = "transformer"
+    samplers: ClassVar[tuple[str, ...]] = FLOW_SAMPLERS

@@ -8,12 +8,14 @@ import torch
 
 from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
+from triptych.families.samplers import NOISE_SAMPLERS
 
 
 class PixArtAlpha(TransformerFamily):
     name = "pixart-alpha"
     pipelines = ("PixArtAlphaPipeline",)
     cuda_dtype = torch.float16
+    samplers = NOISE_SAMPLERS  # a DDPM-style DiT: the noise-prediction samplers
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # (1, 120, 4096) embeddings with a (1, 120) mask at PixArt-alpha's full size; the pipeline

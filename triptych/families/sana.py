@@ -26,6 +26,8 @@ from triptych.families.base import Tensors, TransformerFamily
 class Sana(TransformerFamily):
     name = "sana"
     pipelines = ("SanaPipeline",)
+    # Its DPM-Solver runs on flow sigmas with a shift of its own that no other scheduler's config takes.
+    samplers = ()
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # SanaPipeline's defaults are fixed numbers (1024), binned like any other size.

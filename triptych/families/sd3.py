@@ -15,6 +15,7 @@ import torch
 from protocol.messages import ResolvedParams
 from protocol.stages import ENCODER
 from triptych.families.base import Tensors, TransformerFamily
+from triptych.families.samplers import FLOW_SAMPLERS
 
 
 class StableDiffusion3(TransformerFamily):
@@ -25,6 +26,7 @@ class StableDiffusion3(TransformerFamily):
         ENCODER: ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
     }
     optional_t5 = ("text_encoder_3", "tokenizer_3")
+    samplers = (*FLOW_SAMPLERS, "flow_heun")  # its pipeline passes no custom sigmas, so Heun can run
 
     def prepare_encoder(self, pipe: Any, model: str) -> None:
         if pipe.text_encoder_3 is not None:
