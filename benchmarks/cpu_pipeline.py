@@ -154,7 +154,7 @@ def timed_request(address: str, prompt: str, **options: object) -> dict:
     starts: dict[str, float] = {}
 
     def on_progress(event) -> None:
-        starts.setdefault(event.stage, time.perf_counter())
+        starts.setdefault(event.service, time.perf_counter())
 
     with Client(address, timeout=600.0) as client:
         begin = time.perf_counter()

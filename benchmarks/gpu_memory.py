@@ -33,6 +33,7 @@ the temp folder) and about 4 minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -46,6 +47,8 @@ from typing import Any
 import torch
 from benchlib import describe, machine, table, verdict, write_json
 from published import PROMPT, SPECS, family_of
+
+from protocol.messages import RequestSpec
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # notices about optional packages
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # e.g. clean_caption needing Beautiful Soup
@@ -175,8 +178,7 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict:
         if isinstance(module, torch.nn.Module)
     }
     # Unset options take the pipeline's defaults, on both sides (guidance, sequence length...).
-    request = {"model": key, "prompt": PROMPT, "negative_prompt": None, "steps": steps, "guidance": None}
-    request |= {"height": size, "width": size, "seed": 0, "num_images": 1}
+    request = RequestSpec(model=key, prompt=PROMPT, steps=steps, height=size, width=size, seed=0)
     call = {"num_inference_steps": steps, "height": size, "width": size}
 
     with torch.inference_mode(), tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
@@ -213,7 +215,14 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict:
 
 
 def measure_denoiser(
-    meter: Meter, folder: Path, device: str, dtype: torch.dtype, embeds: dict, request: dict, images: int, warmup: int
+    meter: Meter,
+    folder: Path,
+    device: str,
+    dtype: torch.dtype,
+    embeds: dict,
+    request: RequestSpec,
+    images: int,
+    warmup: int,
 ) -> dict[str, Any]:
     """(a): the stage loaded by the denoiser node's own loader, denoising through its family."""
     from triptych.families import DENOISE
@@ -229,7 +238,7 @@ def measure_denoiser(
     first = FirstCall(denoiser)
 
     def denoise(seed: int) -> Any:
-        return family.denoise(pipe, [(embeds, {**request, "seed": seed})], lambda step, total: None)
+        return family.denoise(pipe, [(embeds, dataclasses.replace(request, seed=seed))], lambda step, total: None)
 
     result["triptych_s"], peak = meter.per_image(denoise, images, max(warmup, 1))
     result["triptych_peak_gib"] = None if peak is None else peak / GiB

@@ -22,6 +22,7 @@ from benchlib import describe, machine, write_json
 from published import PROMPT, SPECS, family_of
 
 from denoiser_node.speed import SpeedOptions, apply_to_denoiser
+from protocol.messages import RequestSpec
 
 BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "flash")
 
@@ -54,8 +55,7 @@ def measure(key: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
     family = family_of(pipe)
     if family is None:
         raise SystemExit(f"{key}: no triptych family")
-    request = {"model": key, "prompt": PROMPT, "negative_prompt": None, "steps": steps, "guidance": None}
-    request |= {"height": size, "width": size, "seed": 0, "num_images": 1}
+    request = RequestSpec(model=key, prompt=PROMPT, steps=steps, height=size, width=size, seed=0)
     attr = family.denoiser_attr
     plain = getattr(pipe, attr)
     results: dict[str, Any] = {"model": spec.name, "steps": steps, "size": size, "dtype": str(dtype)}
