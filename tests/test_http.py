@@ -534,3 +534,13 @@ def test_a_client_that_hangs_up_cancels_the_work(gateway, cluster):
         time.sleep(0.1)
     after = metric(scrape(cluster.metrics_port), "triptych_requests_total", model="sd-tiny", outcome="cancelled")
     assert after == cancelled + 1
+
+
+def test_a_scheduler_field_reaches_the_client_and_is_checked():
+    from triptych.http import parse_generation
+
+    assert parse_generation({"prompt": "p", "scheduler": "euler_a"}).scheduler == "euler_a"
+    assert parse_generation({"prompt": "p"}).scheduler is None
+    with pytest.raises(ApiError) as info:
+        parse_generation({"prompt": "p", "scheduler": 3})
+    assert (info.value.status, info.value.param) == (400, "scheduler")

@@ -4,7 +4,7 @@
 
 ``POST /v1/images/generations`` takes OpenAI's fields (``model``, ``prompt``, ``n``, ``size``,
 ``response_format``) and triptych's own (``seed``, ``negative_prompt``, ``num_inference_steps``,
-``guidance_scale``, ``true_cfg_scale``) in the same JSON body; ``GET /v1/models`` lists the models the
+``guidance_scale``, ``true_cfg_scale``, ``scheduler``) in the same JSON body; ``GET /v1/models`` lists the models the
 broker serves. Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. With
 ``--api-keys FILE``, requests must carry one of the file's keys as ``Authorization: Bearer <key>``.
 

@@ -94,6 +94,7 @@ class Gateway:
                     width=params.width,
                     seed=params.seed,
                     num_images=params.n,
+                    scheduler=params.scheduler,
                     cancel=cancel,
                     user=user,
                 )

@@ -56,6 +56,7 @@ class GenerationParams:
     steps: int | None
     guidance: float | None  # the pipeline's guidance_scale
     true_cfg: float | None  # the pipeline's true_cfg_scale (a real negative-prompt pass), where it has one
+    scheduler: str | None  # a sampler name (euler_a, dpmpp_2m...); None = the checkpoint's scheduler
     user: str  # OpenAI's end-user id ("" = none)
 
 
@@ -151,6 +152,7 @@ def parse_generation(body: Any) -> GenerationParams:
         steps=steps,
         guidance=guidance,
         true_cfg=true_cfg,
+        scheduler=_field(body, "scheduler", str),
         user=_field(body, "user", str) or "",
     )
     # The broker's own bounds (prompt length...), so that they too come back naming the field.
@@ -166,6 +168,7 @@ def parse_generation(body: Any) -> GenerationParams:
         width=width,
         seed=seed or 0,
         num_images=n,
+        scheduler=params.scheduler,
         user=params.user,
     )
     if (problem := request_error(check)) is not None:
