@@ -39,7 +39,7 @@ def build(node: NodeContext) -> NodeService:
     handler = DenoiserHandler(stage)
     return NodeService(
         handler=handler,
-        info=node.info() | {"max_batch": args.max_batch},
+        info=node.info() | {"max_batch": args.max_batch, "samplers": list(stage.family.samplers)},
         capacity=2 * args.max_batch,  # the next batch waits here while this one runs
         max_batch=args.max_batch,
         batch_window=args.batch_window_ms / 1000,

@@ -193,3 +193,26 @@ def test_an_option_the_pipeline_lacks_is_a_clear_error(cluster, tmp_path):
     with cluster.client() as client, pytest.raises(GenerationError) as info:
         client.generate(PROMPT, model="sd-tiny", true_cfg=4.0, steps=2, seed=1)
     assert (info.value.code, info.value.field) == ("invalid_request", "true_cfg")
+
+
+def test_a_named_sampler_through_the_nodes_equals_diffusers_with_the_same_swap(cluster, checkpoints, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
+
+    result = cluster.generate_cli(
+        PROMPT, *("--model", "sd-tiny", "--scheduler", "euler_a", "--steps", "4", "--seed", "9", "--out", str(tmp_path))
+    )
+    assert result.returncode == 0, result.stderr
+    (path,) = [Path(line) for line in result.stdout.splitlines()]
+    assert read_metadata(path.read_bytes())["scheduler"] == "euler_a"
+    pipe = DiffusionPipeline.from_pretrained(checkpoints["sd-tiny"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    expected = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(9)).images[0]
+    assert max_pixel_difference(path, expected) <= 1
+
+
+def test_an_unknown_sampler_is_an_error_listing_the_models_own(cluster, tmp_path):
+    result = cluster.generate_cli(PROMPT, "--model", "sd-tiny", "--scheduler", "warp_drive", "--out", str(tmp_path))
+    assert result.returncode == 1 and not result.stdout
+    assert "--scheduler: unknown scheduler 'warp_drive'" in result.stderr and "dpmpp_2m_karras" in result.stderr

@@ -544,3 +544,10 @@ def test_a_scheduler_field_reaches_the_client_and_is_checked():
     with pytest.raises(ApiError) as info:
         parse_generation({"prompt": "p", "scheduler": 3})
     assert (info.value.status, info.value.param) == (400, "scheduler")
+
+
+@pytest.mark.e2e
+def test_a_model_card_lists_the_samplers_its_denoiser_accepts(gateway):
+    with urllib.request.urlopen(f"{gateway}/v1/models/sd-tiny", timeout=30) as response:
+        card = json.loads(response.read())
+    assert card["id"] == "sd-tiny" and "euler_a" in card["samplers"] and "flow_euler" not in card["samplers"]

@@ -60,7 +60,8 @@ class Gateway:
         return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
 
     def _model_card(self, model: str) -> dict:
-        return {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
+        card = {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
+        return card | {"samplers": self.models.samplers(model)}
 
     async def list_models(self, request: Request) -> JSONResponse:
         models = await self.models.served(fresh=True)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from protocol.stages import DENOISER
 from triptych.client import GenerationError
 from triptych.http.errors import ApiError, error_from_failure, invalid
 from triptych.http.pool import ClientPool
@@ -31,22 +32,33 @@ class ModelCatalog:
         self.call = call
         self.ttl = ttl
         self._models: list[str] = []
+        self._samplers: dict[str, list[str]] = {}  # model -> the sampler names its denoisers accept
         self._models_at = -math.inf
 
     async def served(self, fresh: bool = False) -> list[str]:
         """The models of the broker's registered nodes, asked again after ``ttl`` or when ``fresh``."""
         if fresh or time.monotonic() - self._models_at > self.ttl:
 
-            def ask() -> list[str]:
+            def ask() -> list[dict]:
                 with self.pool.client() as client:
-                    return sorted({node["model"] for node in client.status().nodes})
+                    return client.status().nodes
 
             try:
-                self._models = await self.call(ask)
+                nodes = await self.call(ask)
             except GenerationError as exc:
                 raise error_from_failure(exc) from exc
+            self._models = sorted({node["model"] for node in nodes})
+            self._samplers = {
+                node["model"]: list(node["info"]["samplers"])
+                for node in nodes
+                if node["service"] == DENOISER and isinstance(node.get("info", {}).get("samplers"), list)
+            }
             self._models_at = time.monotonic()
         return self._models
+
+    def samplers(self, model: str) -> list[str]:
+        """The sampler names a model's denoiser accepts (as of the last :meth:`served`)."""
+        return self._samplers.get(model, [])
 
     async def resolve(self, model: str) -> str:
         """The model to ask the broker for: a served one, or the only one when none is named."""
