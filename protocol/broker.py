@@ -72,6 +72,9 @@ class Broker:
         except (CodecError, messages.ProtocolError) as exc:
             self.dropped += 1
             logger.warning("dropping a malformed message from %r: %s", sender[:16], exc)
+            if (job := messages.job_of(frames[1:])) is not None and issubclass(job[0], messages.StageResult):
+                self.core.malformed_result(sender, job[1], str(exc), time.monotonic())
+                self._flush()
             return
         try:
             self.core.handle(sender, msg, time.monotonic())

@@ -345,7 +345,23 @@ class BrokerCore:
         )
         self.outbox.append((req.client, event))
 
+    def malformed_result(self, sender: bytes, job_id: str, error: str, now: float) -> None:
+        """The node holding ``job_id`` answered with a result that failed its checks: fail its request."""
+        job = self.jobs.get(job_id)
+        if job is None or job.worker != sender:
+            return
+        if (worker := self.workers.get(sender)) is not None:
+            worker.last_seen = now
+        self._on_failed(sender, JobFailed(job_id=job_id, error=f"answered with a malformed result: {error}"))
+
     def _on_failed(self, sender: bytes, msg: JobFailed) -> None:
+        held = self.jobs.get(msg.job_id)
+        if held is not None and held.worker != sender:
+            # A node presumed dead failing a job that was handed on: the job runs elsewhere.
+            logger.info("ignoring a failure of %s job %s from a node that no longer holds it", held.stage, msg.job_id)
+            if (worker := self.workers.get(sender)) is not None:
+                worker.jobs.discard(msg.job_id)
+            return
         job = self._finish_job(sender, msg.job_id)
         if job is None:
             return

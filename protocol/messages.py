@@ -458,6 +458,23 @@ def to_frames(message: Message) -> list[bytes | memoryview]:
     return codec.encode({"v": PROTOCOL_VERSION, "kind": message.KIND, **body})
 
 
+def job_of(frames: list[Any]) -> tuple[type[Message], str] | None:
+    """The kind and job id of a stage job or result that failed its checks, when those two can be read.
+
+    Lets the receiver answer for that job (fail it) instead of leaving it to time out.
+    """
+    try:
+        body = codec.decode(frames)
+    except codec.CodecError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    cls, job_id = MESSAGE_TYPES.get(body.get("kind")), body.get("job_id")  # type: ignore[arg-type]
+    if cls is None or not issubclass(cls, StageJob | StageResult):
+        return None
+    return (cls, job_id) if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+
+
 def from_frames(frames: list[Any], *, torch_tensors: bool = False) -> Message:
     """Decode and type-check one message; raises ProtocolError (or CodecError) when malformed.
 

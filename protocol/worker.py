@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from protocol import codec, errors, messages
+from protocol import errors, messages
 from protocol.codec import CodecError
 from protocol.messages import (
     Heartbeat,
@@ -269,8 +269,8 @@ class Worker:
             msg = messages.from_frames(frames, torch_tensors=True)
         except (CodecError, messages.ProtocolError) as exc:
             logger.warning("dropping a malformed message from the broker: %s", exc)
-            if (job_id := _job_id_of(frames)) is not None:  # a job we cannot run fails, not hangs
-                self._send_io(dealer, JobFailed(job_id=job_id, error=f"malformed job: {exc}"))
+            if (job := messages.job_of(frames)) is not None:  # a job we cannot run fails, not hangs
+                self._send_io(dealer, JobFailed(job_id=job[1], error=f"malformed job: {exc}"))
             return
         match msg:
             case StageJob():
@@ -294,18 +294,6 @@ class Worker:
                 pass
             case _:
                 logger.warning("dropping unexpected %s from the broker", msg.KIND)
-
-
-def _job_id_of(frames: list[zmq.Frame]) -> str | None:
-    """The job id of a stage job that failed its checks, if its header can be read at all."""
-    try:
-        body = codec.decode(frames)
-    except CodecError:
-        return None
-    if isinstance(body, dict) and isinstance(kind := body.get("kind"), str) and kind.endswith("_job"):
-        job_id = body.get("job_id")
-        return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
-    return None
 
 
 def failure(job_id: str, exc: BaseException) -> JobFailed:

@@ -838,3 +838,37 @@ def test_turns_go_per_named_user_across_connections():
     assert order == ["a1", "b0", "c0", "a2", "a3"]
     # Nodes are not told whom a request is for, nor how long it may take.
     assert {f.name for f in dataclasses.fields(job.request)}.isdisjoint({"user", "timeout"})
+
+
+def test_a_late_failure_from_a_node_presumed_dead_leaves_the_job_running_elsewhere():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    sim.register(b"den2", DENOISER)
+    sim.register(DEC, DECODER)
+    out = to_denoise(sim, "r1")
+    (holder,) = [identity for identity in (DEN, b"den2") if sent(out, DenoiseJob, identity)]
+    other = b"den2" if holder == DEN else DEN
+    job = only(out, DenoiseJob, holder)
+    t0 = sim.now
+    for identity in (ENC, other, DEC):
+        sim.send(identity, Heartbeat(), at=t0 + EXPIRY)
+    assert only(sim.tick(t0 + EXPIRY + 0.5), DenoiseJob, other).job_id == job.job_id
+
+    # The first node was only slow, and then failed: the copy on the other node carries on.
+    out = sim.send(holder, JobFailed(job_id=job.job_id, error="out of memory: x", code=errors.OUT_OF_MEMORY))
+    assert not sent(out, RequestFailed) and not sent(out, JobCancel)
+    assert "r1" in sim.core.requests
+    assert only(sim.send(other, denoised(job)), DecodeJob, DEC).index == 0
+
+
+def test_a_result_that_fails_its_checks_fails_its_request_at_once():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    sim.core.malformed_result(b"someone else", job.job_id, "embeds: wrong type", sim.now)
+    assert not sim.take()  # only the node holding the job can fail it
+    sim.core.malformed_result(ENC, job.job_id, "field 'embeds' has the wrong type (list)", sim.now)
+    failed = only(sim.take(), RequestFailed, CLIENT)
+    assert failed.code == errors.MODEL_ERROR and "malformed result" in failed.error
+    assert sim.core.workers[ENC].jobs == set()

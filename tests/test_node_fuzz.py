@@ -209,7 +209,7 @@ def test_hostile_jobs_fail_alone_and_nodes_serve_on(fake):
         field="true_cfg",
     )
 
-    # Well-formed jobs the model itself raises on: embeddings of the wrong width, latents of the wrong channels.
+    # Well-formed jobs the model itself raises on: embeddings of the wrong width.
     for service, job in [
         ("denoiser", _denoise(_spec(), {"prompt_embeds": torch.zeros(1, 77, 5)})),
         ("denoiser", _denoise(_spec(num_images=2), {"prompt_embeds": torch.zeros(2, 77, 5)})),
@@ -242,6 +242,7 @@ def test_hostile_jobs_fail_alone_and_nodes_serve_on(fake):
         image = fake.run("decoder", job)
         assert isinstance(image, DecodedImage), image
         assert image.png.startswith(b"\x89PNG")
+    # ... and latents of the wrong number of channels fail at the decoder's VAE.
     bad_latents = DecodeJob(
         job_id=_job_id(), request_id="r", params=answer.params, index=0, latents=torch.zeros(1, 3, 8, 8)
     )

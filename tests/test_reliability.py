@@ -247,14 +247,14 @@ def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
 def test_busy_broker_refuses_clearly(tmp_path):
     procs = ProcessCluster(tmp_path / "logs")
     procs._spawn("broker", ["triptych", "broker", "--bind", procs.address, "--max-requests", "1"])
-    outcome: list[str] = []
+    outcome: list[GenerationError] = []
 
     def occupy() -> None:  # no node serves this model, so it stays in flight until its timeout
         with procs.client(timeout=4) as first:
             try:
                 first.generate("a", model=MODEL, seed=1)
             except GenerationError as exc:
-                outcome.append(str(exc))
+                outcome.append(exc)
 
     try:
         procs.wait_for({})  # the broker answers
@@ -265,7 +265,8 @@ def test_busy_broker_refuses_clearly(tmp_path):
             second.generate("b", model=MODEL, seed=2)
         assert info.value.retryable and info.value.code == errors.BUSY
         waiting.join(timeout=30)
-        assert outcome and "no encoder node serves model" in outcome[0]
+        assert outcome and f"no node serves model {MODEL}" in str(outcome[0])
+        assert outcome[0].code == errors.UNKNOWN_MODEL and not outcome[0].retryable
     finally:
         procs.stop()
 
