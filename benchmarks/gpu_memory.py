@@ -66,10 +66,10 @@ TARGET_OFFLOAD = 3.0  # (c) s/image >= this x (a) s/image
 def save_denoiser_checkpoint(pipe: Any, family: Any, folder: Path) -> Path:
     """A checkpoint folder holding what a denoiser node reads: model_index.json, the family's
     denoiser components and the VAE's config.json (for the latent scale), nothing else."""
-    from triptych.families import DENOISE
+    from protocol.stages import DENOISER
 
     pipe.save_config(folder)
-    for name in family.components[DENOISE]:
+    for name in family.components[DENOISER]:
         getattr(pipe, name).save_pretrained(folder / name)
     pipe.vae.save_config(folder / "vae")
     return folder
@@ -225,13 +225,13 @@ def measure_denoiser(
     warmup: int,
 ) -> dict[str, Any]:
     """(a): the stage loaded by the denoiser node's own loader, denoising through its family."""
-    from triptych.families import DENOISE
+    from protocol.stages import DENOISER
     from triptych.families.loading import load_stage
 
     result: dict[str, Any] = {}
     meter.reset()
     result["resident_before_gib"] = meter.allocated() / GiB if meter.cuda else None
-    stage = load_stage(str(folder), DENOISE, device=device, dtype=dtype)
+    stage = load_stage(str(folder), DENOISER, device=device, dtype=dtype)
     family, pipe = stage.family, stage.pipe
     denoiser = getattr(pipe, family.denoiser_attr)
     result["denoiser_weights_gib"] = weight_bytes(denoiser) / GiB

@@ -92,8 +92,13 @@ def test_unknown_model_fails_after_timeout_naming_it(cluster, tmp_path):
         PROMPT, "--model", "no-such-model", "--seed", "1", "--timeout", "2", "--out", str(tmp_path)
     )
     assert result.returncode != 0
-    assert "no encoder node serves model no-such-model" in result.stderr
+    assert "no node serves model no-such-model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    from triptych.client import GenerationError
+
+    with cluster.client() as client, pytest.raises(GenerationError) as info:
+        client.generate(PROMPT, model="no-such-model", seed=1, timeout=1.0)
+    assert info.value.code == "unknown_model"
 
 
 def test_invalid_field_is_named(cluster, tmp_path):

@@ -73,7 +73,7 @@ def test_requests_with_different_samplers_batch_apart_and_the_checkpoint_schedul
     }
     assert len(keys) == 3
     before = type(pipe.scheduler)
-    request = request_spec("sd", prompt=PROMPT, steps=2, seed=1, height=64, width=64, scheduler="lms")
+    request = request_spec("sd", prompt=PROMPT, steps=2, seed=1, height=64, width=64, guidance=1.0, scheduler="lms")
     embeds = {"prompt_embeds": torch.zeros(1, 77, pipe.unet.config.cross_attention_dim)}
     with torch.inference_mode():
         [(_, params)] = family.denoise(pipe, [(embeds, request)], lambda step, total: None)
