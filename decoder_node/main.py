@@ -27,12 +27,22 @@ def apply_vae_options(pipe: Any, args: argparse.Namespace) -> None:
         pipe.vae.enable_slicing()
 
 
+def _denoiser_config(node: NodeContext) -> dict | None:
+    """What encoding images in needs to know of the denoiser (its sample size, its input channels)."""
+    from triptych.families.loading import denoiser_config
+
+    try:
+        return denoiser_config(node.args.model, node.family)
+    except (OSError, ValueError):
+        return None
+
+
 def build(node: NodeContext) -> NodeService:
     from decoder_node.handler import DecoderHandler
 
     stage = node.load()
     apply_vae_options(stage.pipe, node.args)
-    handler = DecoderHandler(stage)
+    handler = DecoderHandler(stage, _denoiser_config(node))
     return NodeService(handler=handler, info=node.info(), stats=handler.stats)
 
 

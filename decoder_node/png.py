@@ -20,6 +20,9 @@ METADATA_KEYS = (
     "width",
     "height",
     "scheduler",
+    "strength",  # with images in
+    "image_sha256",  # the init images', comma-separated
+    "mask_sha256",
     "model",
     "family",
 )
@@ -27,7 +30,7 @@ METADATA_KEYS = (
 
 def encode_png(image: Image.Image, params: ResolvedParams, index: int = 0) -> bytes:
     """The image as PNG, with ``params`` in text chunks; image ``index`` of a request records its own seed."""
-    values = {**vars(params), "seed": params.seed + index}
+    values = {**vars(params), "seed": params.seed + index, "image_sha256": ",".join(params.image_sha256) or None}
     info = PngInfo()
     for key in METADATA_KEYS:
         if values.get(key) is not None:

@@ -1,4 +1,4 @@
-"""Denoiser jobs: embeddings in, latents for every image of the request out, batched."""
+"""Denoiser jobs: embeddings in, latents for every image of the request out, batched; previews on the way."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Hashable
 
 import torch
 
+from denoiser_node.previews import PreviewRequest, StepPreviews
 from protocol.messages import DenoisedLatents, DenoiseJob
 from protocol.worker import ProgressFn
 from triptych.families.loading import LoadedStage
@@ -21,13 +22,16 @@ class DenoiserHandler:
         self.batches = 0
 
     def batch_key(self, job: DenoiseJob) -> Hashable:
-        return self.stage.family.batch_key(self.stage.pipe, job.embeds, job.request)
+        return self.stage.family.batch_key(self.stage.pipe, job.embeds, job.request, job.images)
 
     def __call__(self, jobs: list[DenoiseJob], progress: ProgressFn) -> list[DenoisedLatents]:
         family, pipe = self.stage.family, self.stage.pipe
         warnings = [family.warnings(pipe, job.request) for job in jobs]  # also checks the options exist
+        previews = StepPreviews(family.name, [self._preview_request(job) for job in jobs], progress)
         with torch.inference_mode():
-            results = family.denoise(pipe, [(job.embeds, job.request) for job in jobs], progress)
+            batch = [(job.embeds, job.request) for job in jobs]
+            images = [job.images for job in jobs]
+            results = family.denoise(pipe, batch, previews.step, images=images, on_latents=previews.keep)
         self.batches += 1
         self.images += sum(job.request.num_images for job in jobs)
         # Per request: (num_images, C, h, w) for UNets and DiTs; family-specific for packed latents.
@@ -35,6 +39,13 @@ class DenoiserHandler:
             DenoisedLatents(job_id=job.job_id, latents=latents.contiguous(), params=params, warnings=notes)
             for job, (latents, params), notes in zip(jobs, results, warnings, strict=True)
         ]
+
+    def _preview_request(self, job: DenoiseJob) -> PreviewRequest:
+        request = job.request
+        if request.preview_every == 0:  # no previews: nothing to resolve
+            return PreviewRequest(count=request.num_images, every=0, height=0, width=0)
+        params = self.stage.family.resolve_params(self.stage.pipe, request, job.images)
+        return PreviewRequest(request.num_images, request.preview_every, params.height, params.width)
 
     def stats(self) -> dict:
         return {"images": self.images, "batches": self.batches}

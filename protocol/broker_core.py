@@ -42,7 +42,7 @@ from protocol.messages import (
 from protocol.metrics import BrokerMetrics, clean_stats
 from protocol.plans import Plan, PlanContext, PlanError, plan_for
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from protocol.validation import request_error
+from protocol.validation import MAX_PREVIEW_BYTES, request_error
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class WorkerState:
     last_assigned: float = 0.0
     jobs_done: int = 0
     stats: dict = field(default_factory=dict)  # the node's latest counters (cache hits...)
+    job_seconds: float = 0.0  # dispatch to result, summed over the results it sent
+    jobs_timed: int = 0  # the results summed there
 
 
 @dataclass
@@ -340,8 +342,18 @@ class BrokerCore:
             job.steps_reported, job.reported_at = msg.step, now
         req = self.requests[job.request_id]
         node = self.workers[sender].node if sender in self.workers else "?"
+        # Previews are passed on only within bounds: one small PNG per image of the request.
+        previews = msg.previews
+        if len(previews) > req.request.num_images or any(len(png) > MAX_PREVIEW_BYTES for png in previews):
+            previews = []
         event = ProgressEvent(
-            request_id=job.request_id, stage=job.stage, service=job.service, node=node, step=msg.step, total=msg.total
+            request_id=job.request_id,
+            stage=job.stage,
+            service=job.service,
+            node=node,
+            step=msg.step,
+            total=msg.total,
+            previews=previews,
         )
         self.outbox.append((req.client, event))
 
@@ -378,6 +390,9 @@ class BrokerCore:
         if job is None or (req := self.requests.get(job.request_id)) is None:
             return
         self.metrics.on_job_finished(job.stage, job.model, now - job.assigned_at)
+        if (worker := self.workers.get(sender)) is not None:  # stage times for status
+            worker.job_seconds += now - job.assigned_at
+            worker.jobs_timed += 1
         if not isinstance(msg, job.message.RESULT):
             error = f"{job.stage} returned a malformed result: {msg.KIND}, not {job.message.RESULT.KIND}"
             self._fail(job.request_id, error, errors.MODEL_ERROR)
@@ -450,6 +465,7 @@ class BrokerCore:
                 "state": "busy" if w.jobs else "idle",
                 "jobs_in_progress": len(w.jobs),
                 "jobs_done": w.jobs_done,
+                "mean_job_s": round(w.job_seconds / w.jobs_timed, 3) if w.jobs_timed else None,
                 "last_heartbeat_s": round(now - w.last_seen, 3),
                 "info": w.info,
                 "stats": w.stats,

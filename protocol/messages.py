@@ -11,15 +11,17 @@ Directions: client -> broker, broker -> client, node -> broker, broker -> node. 
 broker and the nodes a request travels as *stage jobs* and *stage results*, one typed pair per
 stage (see :mod:`protocol.plans` for the order they run in):
 
-    stage    job (broker -> node)    result (node -> broker)
-    encode   EncodeJob               Embeddings
-    denoise  DenoiseJob              DenoisedLatents
-    decode   DecodeJob               DecodedImage
+    stage         job (broker -> node)    result (node -> broker)
+    encode        EncodeJob               Embeddings
+    encode_image  EncodeImagesJob         EncodedImages       (images in: on the decoder node)
+    denoise       DenoiseJob              DenoisedLatents
+    decode        DecodeJob               DecodedImage
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Any, ClassVar, Union
 
 from protocol import codec
 from protocol.errors import MODEL_ERROR
-from protocol.stages import DECODE, DECODER, DENOISE, DENOISER, ENCODE, ENCODER, SERVICES
+from protocol.stages import DECODE, DECODER, DENOISE, DENOISER, ENCODE, ENCODE_IMAGE, ENCODER, SERVICES
 from protocol.tensors import Tensor, is_tensor
 
 PROTOCOL_VERSION = 2
@@ -65,6 +67,21 @@ class RequestSpec:
     seed: int  # image i uses seed + i
     num_images: int = 1
     scheduler: str | None = None  # a sampler name (euler_a, dpmpp_2m...); None: the checkpoint's own
+    preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
+    # Images in (img2img, inpainting): the images themselves go only to the stage that encodes them.
+    strength: float | None = None  # the pipeline's strength; None: its default
+    image_sha256: list[str] = field(default_factory=list)  # one per init image, in order
+    mask_sha256: str | None = None  # the inpainting mask's, when there is one
+
+    @property
+    def workflow(self) -> str:
+        """text-to-image, image-to-image or inpaint: which of the family's pipelines serves it."""
+        if self.mask_sha256 is not None:
+            return INPAINT
+        return IMAGE_TO_IMAGE if self.image_sha256 else TEXT_TO_IMAGE
+
+
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
 
 
 @dataclass(kw_only=True)
@@ -82,6 +99,27 @@ class ResolvedParams:
     height: int
     width: int
     scheduler: str = ""  # the sampler name asked for, or the checkpoint's scheduler class
+    strength: float | None = None  # with images in: the strength the pipeline ran with
+    image_sha256: list[str] = field(default_factory=list)  # the init images'
+    mask_sha256: str | None = None  # the inpainting mask's
+
+
+@dataclass(kw_only=True)
+class ImageInputs:
+    """Images in, as the denoiser's pipeline takes them: encoded by the VAE on the decoder node.
+
+    ``tensors`` are family-specific pipeline inputs, one row per image of the request, e.g. for
+    Stable Diffusion ``{"image": (N, 4, h, w)}`` (scaled VAE latents, which the pipeline takes in
+    place of pixels), and for inpainting also ``"mask_image"`` (N, 1, H, W) and
+    ``"masked_image_latents"`` (N, 4, h, w). ``generator_state`` holds each image's generator after
+    the VAE's sampling drew from it, (N, S) uint8, so the denoiser's draws continue where the
+    pipeline's would.
+    """
+
+    tensors: dict[str, Tensor]
+    generator_state: Tensor
+    height: int  # the size the pipeline makes, from the image (img2img) or the request
+    width: int
 
 
 # --- client -> broker ---------------------------------------------------------------------
@@ -107,13 +145,21 @@ class GenerateRequest(Message):
     seed: int
     num_images: int = 1
     scheduler: str | None = None  # a sampler name; None: the checkpoint's scheduler
+    preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
+    images: list[bytes] = field(default_factory=list)  # init images (PNG, JPEG, WebP files): img2img, inpaint
+    mask: bytes | None = None  # inpainting mask (an image file): white repaints, black keeps
+    strength: float | None = None  # how far from the init image (0, 1]; None: the pipeline's default
     timeout: float = 300.0  # seconds the request may wait and run before it fails
     user: str = ""  # whom it is for: queued work takes turns per user ("" = per client connection)
 
     def spec(self) -> RequestSpec:
-        """What the nodes get of this request: all but whom it is for and its timeout."""
-        names = {f.name for f in dataclasses.fields(RequestSpec)}
-        return RequestSpec(**{name: getattr(self, name) for name in names})
+        """What the nodes get of this request: all but whom it is for, its timeout and the image bytes."""
+        names = {f.name for f in dataclasses.fields(RequestSpec)} - {"image_sha256", "mask_sha256"}
+        return RequestSpec(
+            **{name: getattr(self, name) for name in names},
+            image_sha256=[hashlib.sha256(image).hexdigest() for image in self.images],
+            mask_sha256=None if self.mask is None else hashlib.sha256(self.mask).hexdigest(),
+        )
 
 
 @dataclass(kw_only=True)
@@ -150,6 +196,7 @@ class ProgressEvent(Message):
     node: str
     step: int = 0
     total: int = 0
+    previews: list[bytes] = field(default_factory=list)  # a small PNG per image of the request, or none
 
 
 @dataclass(kw_only=True)
@@ -216,6 +263,7 @@ class JobProgress(Message):
     job_id: str
     step: int
     total: int
+    previews: list[bytes] = field(default_factory=list)  # a latent preview PNG per image of the request, or none
 
 
 @dataclass(kw_only=True)
@@ -257,6 +305,12 @@ class DenoisedLatents(StageResult):
 
 
 @dataclass(kw_only=True)
+class EncodedImages(StageResult):
+    KIND: ClassVar[str] = "encoded_images"
+    inputs: ImageInputs
+
+
+@dataclass(kw_only=True)
 class DecodedImage(StageResult):
     KIND: ClassVar[str] = "decoded"
     png: bytes  # the image, with its parameters in PNG text chunks
@@ -293,6 +347,7 @@ class DenoiseJob(StageJob):
     RESULT: ClassVar[type[StageResult]] = DenoisedLatents
     request: RequestSpec
     embeds: dict[str, Tensor]  # the encoder's Embeddings.embeds, batch of one
+    images: ImageInputs | None = None  # images in, encoded by the decoder node (EncodedImages.inputs)
 
 
 @dataclass(kw_only=True)
@@ -304,6 +359,17 @@ class DecodeJob(StageJob):
     params: ResolvedParams
     index: int  # which image of the request: its seed is params.seed + index
     latents: Tensor  # that image's row of DenoisedLatents.latents, e.g. (1, 4, 64, 64)
+
+
+@dataclass(kw_only=True)
+class EncodeImagesJob(StageJob):
+    KIND: ClassVar[str] = "encode_images_job"
+    STAGE: ClassVar[str] = ENCODE_IMAGE
+    SERVICE: ClassVar[str] = DECODER
+    RESULT: ClassVar[type[StageResult]] = EncodedImages
+    request: RequestSpec
+    images: list[bytes]  # the image files as the client sent them: decoded only here, with a pixel bound
+    mask: bytes | None = None
 
 
 # --- broker -> node -----------------------------------------------------------------------
@@ -343,7 +409,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Embeddings,
         DenoisedLatents,
         DecodedImage,
+        EncodedImages,
         EncodeJob,
+        EncodeImagesJob,
         DenoiseJob,
         DecodeJob,
         JobCancel,

@@ -7,9 +7,16 @@ knows nothing else of what the jobs carry: dispatch, requeue, exactly-once resul
 timeouts work per job, whatever the plan. A new workflow is a new plan here (and what its nodes
 do with the new job types), never a change to the broker.
 
-Text to image, the plan of every request today::
+Text to image::
 
     encode (encoder) --Embeddings--> denoise (denoiser) --DenoisedLatents--> decode x num_images (decoder)
+
+Images in (img2img, inpainting): the VAE's encoder half runs on the decoder node, beside the text
+encoder's work, so the GPU still sees only the denoiser::
+
+    encode (encoder)             --Embeddings-----\
+                                                   >--> denoise (denoiser) --> decode x num_images (decoder)
+    encode_image (decoder: VAE)  --EncodedImages--/
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from protocol.messages import (
     DenoisedLatents,
     DenoiseJob,
     Embeddings,
+    EncodedImages,
+    EncodeImagesJob,
     EncodeJob,
     GenerateRequest,
     ImageResult,
     StageJob,
     StageResult,
 )
-from protocol.stages import DECODE, DENOISE, ENCODE
+from protocol.stages import DECODE, DENOISE, ENCODE, ENCODE_IMAGE
 
 
 class PlanError(ValueError):
@@ -139,6 +148,33 @@ TEXT_TO_IMAGE = Plan(
 )
 
 
+def _encode_images_jobs(ctx: PlanContext) -> list[StageJob]:
+    request = ctx.request
+    return [ctx.job(EncodeImagesJob, request=request.spec(), images=request.images, mask=request.mask)]
+
+
+def _denoise_with_images_jobs(ctx: PlanContext) -> list[StageJob]:
+    embeddings: Embeddings = ctx.result(ENCODE, Embeddings)
+    encoded: EncodedImages = ctx.result(ENCODE_IMAGE, EncodedImages)
+    state = encoded.inputs.generator_state
+    if state.ndim != 2 or state.shape[0] != ctx.request.num_images:
+        raise PlanError(f"expected a generator state per image, got shape {list(state.shape)}")
+    return [ctx.job(DenoiseJob, request=ctx.request.spec(), embeds=embeddings.embeds, images=encoded.inputs)]
+
+
+IMAGES_IN = Plan(
+    kind="images-in",
+    stages=(
+        Stage(ENCODE, needs=(), jobs=_encode_jobs),
+        Stage(ENCODE_IMAGE, needs=(), jobs=_encode_images_jobs),
+        Stage(DENOISE, needs=(ENCODE, ENCODE_IMAGE), jobs=_denoise_with_images_jobs),
+        Stage(DECODE, needs=(DENOISE,), jobs=_decode_jobs),
+    ),
+    images=DECODE,
+    image=_decoded_image,
+)
+
+
 def plan_for(request: GenerateRequest) -> Plan:
     """The plan a request runs as, from what it asks for."""
-    return TEXT_TO_IMAGE
+    return IMAGES_IN if request.images or request.mask is not None else TEXT_TO_IMAGE

@@ -18,4 +18,5 @@ SERVICES = (ENCODER, DENOISER, DECODER)
 ENCODE = "encode"  # prompt -> embeddings
 DENOISE = "denoise"  # embeddings -> latents of every image of the request
 DECODE = "decode"  # one image's latents -> PNG
-STAGE_SERVICE: dict[str, str] = {ENCODE: ENCODER, DENOISE: DENOISER, DECODE: DECODER}
+ENCODE_IMAGE = "encode_image"  # images in (init image, mask) -> their latents, on the node with the VAE
+STAGE_SERVICE: dict[str, str] = {ENCODE: ENCODER, DENOISE: DENOISER, DECODE: DECODER, ENCODE_IMAGE: DECODER}

@@ -19,11 +19,35 @@ SIZE_MULTIPLE = 8
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 MAX_GUIDANCE = 1_000.0
 MAX_TIMEOUT = 24 * 3600.0
+MAX_PREVIEW_BYTES = 1 << 20  # one preview PNG: a picture of the latent grid, a few KB
+MAX_INPUT_IMAGES = 8  # init images of one request (multi-image edit models take a few)
+MAX_IMAGE_BYTES = 48 << 20  # all image bytes of one request, mask included
 
 
 def _guidance_problem(name: str, value: float | None) -> tuple[str, str] | None:
     if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
         return name, f"{name} must be a finite number between 0 and {MAX_GUIDANCE:g} (got {value})"
+    return None
+
+
+def _images_problem(req: GenerateRequest) -> tuple[str, str] | None:
+    """Bounds on images in; what they hold is checked by the node that decodes them, never here."""
+    if len(req.images) > MAX_INPUT_IMAGES:
+        return "image", f"image: at most {MAX_INPUT_IMAGES} images per request (got {len(req.images)})"
+    total = sum(len(image) for image in req.images) + len(req.mask or b"")
+    if total > MAX_IMAGE_BYTES:
+        return "image", f"image: the images of a request must be at most {MAX_IMAGE_BYTES >> 20} MB in all"
+    if any(not image for image in req.images):
+        return "image", "image: an image is empty"
+    if req.mask is not None and not req.images:
+        return "mask", "mask: a mask needs an image to repaint (--image)"
+    if req.mask is not None and len(req.images) != 1:
+        return "mask", f"mask: inpainting repaints one image (got {len(req.images)})"
+    if req.strength is not None:
+        if not req.images:
+            return "strength", "strength: only requests with an image (--image) take a strength"
+        if not (math.isfinite(req.strength) and 0 < req.strength <= 1):
+            return "strength", f"strength must be in (0, 1] (got {req.strength})"
     return None
 
 
@@ -56,6 +80,10 @@ def request_error(req: GenerateRequest) -> tuple[str, str] | None:
         return "height", f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
     if req.scheduler is not None and not 1 <= len(req.scheduler) <= 64:
         return "scheduler", "scheduler must be a sampler name of 1 to 64 characters"
+    if req.preview_every is not None and not 0 <= req.preview_every <= MAX_STEPS:
+        return "preview_every", f"preview_every must be between 0 and {MAX_STEPS} steps (got {req.preview_every})"
+    if (problem := _images_problem(req)) is not None:
+        return problem
     if not 1 <= req.num_images <= MAX_IMAGES:
         return "num_images", f"num_images must be between 1 and {MAX_IMAGES} (got {req.num_images})"
     if not 0 <= req.seed <= MAX_SEED - req.num_images:

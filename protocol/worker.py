@@ -20,8 +20,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
@@ -62,7 +63,16 @@ class Job:
         return self.message.job_id
 
 
-ProgressFn = Callable[[int, int], None]  # (step, total); raises JobCancelled when all are cancelled
+class ProgressFn(Protocol):
+    """(step, total[, previews]); raises JobCancelled when all the batch's jobs are cancelled.
+
+    ``previews``, where given, holds one list per job of the batch, in order: a PNG per image of
+    that job's request, or none.
+    """
+
+    def __call__(self, step: int, total: int, previews: Sequence[list[bytes]] | None = None) -> None: ...
+
+
 # A batch of jobs -> one result each, in order (their job ids set; the worker adds the node's stats).
 Handler = Callable[[list[StageJob], ProgressFn], list[StageResult]]
 BatchKey = Callable[[StageJob], Hashable]  # jobs with equal keys may run as one batch
@@ -165,11 +175,12 @@ class Worker:
         if not live:
             return
 
-        def progress(step: int, total: int) -> None:
+        def progress(step: int, total: int, previews: Sequence[list[bytes]] | None = None) -> None:
             if all(job.cancelled.is_set() for job in live):
                 raise JobCancelled(live[0].job_id)
-            for job in live:
-                self._send(JobProgress(job_id=job.job_id, step=step, total=total))
+            for index, job in enumerate(live):
+                shown = list(previews[index]) if previews is not None and index < len(previews) else []
+                self._send(JobProgress(job_id=job.job_id, step=step, total=total, previews=shown))
 
         try:
             results = self.handler([job.message for job in live], progress)

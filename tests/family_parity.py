@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from decoder_node.handler import DecoderHandler
 from decoder_node.png import encode_png
 from protocol import codec, messages
 from protocol.messages import (
@@ -23,11 +24,12 @@ from protocol.messages import (
     DenoisedLatents,
     DenoiseJob,
     Embeddings,
+    EncodeImagesJob,
     GenerateRequest,
     RequestSpec,
 )
 from protocol.stages import DECODER, DENOISER, ENCODER
-from triptych.families.loading import LoadedStage, load_stage
+from triptych.families.loading import LoadedStage, denoiser_config, load_stage
 
 
 @cache
@@ -56,17 +58,40 @@ def request_spec(model: str, **fields) -> RequestSpec:
     return GenerateRequest(request_id="r", model=model, **fields).spec()
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def split_run(
-    path: Path, request: RequestSpec, encoder_dtype: torch.dtype = torch.float32, no_t5: bool = False
+    path: Path,
+    request: RequestSpec,
+    encoder_dtype: torch.dtype = torch.float32,
+    no_t5: bool = False,
+    images: list[bytes] | None = None,
+    mask: bytes | None = None,
 ) -> list[Image.Image]:
-    """encoder -> wire -> denoiser -> wire -> decoder, one decode job per image, PNG round trip."""
+    """encoder (and image encoder) -> wire -> denoiser -> wire -> decoder, one decode job per image, PNG round trip.
+
+    ``images`` and ``mask`` are the image files of a request with images in (``request`` made with them).
+    """
     encoder = stage(path, ENCODER, encoder_dtype, no_t5)
     denoiser, decoder = stage(path, DENOISER), stage(path, DECODER)
     with torch.inference_mode():
         embeds = encoder.family.encode(encoder.pipe, request)
         embeddings = wire(Embeddings(job_id="e", embeds={k: v.cpu() for k, v in embeds.items()}))
-        job = wire(DenoiseJob(job_id="d", request_id="r", request=request, embeds=embeddings.embeds))
-        [(latents, params)] = denoiser.family.denoise(denoiser.pipe, [(job.embeds, job.request)], lambda s, t: None)
+        inputs = None
+        if images:
+            handler = DecoderHandler(decoder, denoiser_config(str(path), decoder.family))
+            [encoded] = handler(
+                [wire(EncodeImagesJob(job_id="i", request_id="r", request=request, images=images, mask=mask))], None
+            )
+            inputs = wire(encoded).inputs
+        job = wire(DenoiseJob(job_id="d", request_id="r", request=request, embeds=embeddings.embeds, images=inputs))
+        [(latents, params)] = denoiser.family.denoise(
+            denoiser.pipe, [(job.embeds, job.request)], lambda s, t: None, images=[job.images]
+        )
         denoised = wire(DenoisedLatents(job_id="d", latents=latents.contiguous(), params=params))
         images = []
         for index in range(request.num_images):

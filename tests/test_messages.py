@@ -502,7 +502,7 @@ def test_a_nested_field_that_is_not_a_map_is_refused(kind, field, value):
         ("encode_job", "request.timeout"),  # a GenerateRequest field the nodes never see
         ("encode_job", "request.user"),
         ("denoise_job", "request.request_id"),
-        ("decode_job", "params.scheduler"),
+        ("decode_job", "params.colour"),
         ("image", "params.index"),
     ],
 )

@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,15 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
         "unipc; flow DiTs: flow_euler, flow_euler_karras, flow_euler_exponential (default: the checkpoint's)",
     )
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
+    parser.add_argument(
+        "--previews", metavar="DIR", help="write the denoiser's live previews to DIR as preview-SEED-stepNNN.png"
+    )
+    parser.add_argument(
+        "--preview-every",
+        type=int,
+        metavar="N",
+        help="a preview every N denoising steps (default: each quarter of them with --previews, else none)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up (default 300)")
     add_log_level(parser, "WARNING")
 
@@ -241,6 +251,13 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = _ProgressBar()
+    on_progress: Callable[[ProgressEvent], None] = progress
+    if args.previews is not None:
+        from triptych.preview_files import PreviewWriter
+
+        on_progress = PreviewWriter(Path(args.previews), seed, then=progress)
+    # Previews are made only for someone to look at them.
+    preview_every = args.preview_every if args.preview_every is not None else (None if args.previews else 0)
     try:
         with Client(broker or args.broker, timeout=args.timeout, curve=curve_from_args(args)) as client:
             images = client.generate(
@@ -255,7 +272,8 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 seed=seed,
                 num_images=args.num_images,
                 scheduler=args.scheduler,
-                on_progress=progress,
+                preview_every=preview_every,
+                on_progress=on_progress,
             )
     except GenerationError as exc:
         progress.close()

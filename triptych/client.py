@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -117,8 +119,10 @@ class Client:
         seed: int | None = None,
         num_images: int = 1,
         scheduler: str | None = None,
+        preview_every: int | None = None,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
         cancel: threading.Event | None = None,
         user: str = "",
     ) -> list[GeneratedImage]:
@@ -133,6 +137,10 @@ class Client:
 
         Setting ``cancel`` (from any thread) makes the call raise :class:`GenerationCancelled`
         within a tenth of a second, and the broker drops the request's work.
+
+        ``on_progress`` gets every :class:`ProgressEvent`; every ``preview_every`` denoising steps
+        (unset: each quarter of them; 0: never) its ``previews`` hold a small PNG per image, a
+        latent-space approximation. ``on_image`` gets each image as it arrives, in any order.
         """
         request = GenerateRequest(
             request_id=uuid.uuid4().hex,
@@ -147,17 +155,22 @@ class Client:
             seed=secrets.randbelow(2**32) if seed is None else seed,
             num_images=num_images,
             scheduler=scheduler,
+            preview_every=preview_every,
             timeout=self.timeout if timeout is None else timeout,
             user=user,
         )
         try:
-            return self._run(request, on_progress, cancel)
+            return self._run(request, on_progress, cancel, on_image)
         except BaseException:
             self._send(CancelRequest(request_id=request.request_id))  # Ctrl-C, or anything else
             raise
 
     def _run(
-        self, request: GenerateRequest, on_progress: Callable | None, cancel: threading.Event | None
+        self,
+        request: GenerateRequest,
+        on_progress: Callable | None,
+        cancel: threading.Event | None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
     ) -> list[GeneratedImage]:
         images: dict[int, GeneratedImage] = {}
         start = time.monotonic()
@@ -188,11 +201,44 @@ class Client:
                     params = dataclasses.asdict(msg.params)
                     image = GeneratedImage(msg.index, msg.seed, msg.png, params=params, warnings=msg.warnings)
                     images[msg.index] = image
+                    if on_image is not None:
+                        on_image(image)
                 case RequestFailed():
                     raise GenerationError(msg.error, retryable=msg.retryable, code=msg.code, field=msg.field)
                 case ProgressEvent() if on_progress is not None:
                     on_progress(msg)
         return [images[i] for i in range(request.num_images)]
+
+    def generate_stream(self, prompt: str, **options: Any) -> Iterator[ProgressEvent | GeneratedImage]:
+        """:meth:`generate` as an iterator: each :class:`ProgressEvent` (with its previews) and each
+        :class:`GeneratedImage` as it arrives. Takes generate's options but the callbacks.
+
+        The request runs on a thread of its own, which alone uses this client until it ends; a
+        failure is raised here. Leaving the loop early cancels the request.
+        """
+        events: queue.Queue[Any] = queue.Queue()
+        done = object()
+        cancel = options.pop("cancel", None) or threading.Event()
+
+        def run() -> None:
+            try:
+                self.generate(prompt, **options, on_progress=events.put, on_image=events.put, cancel=cancel)
+            except BaseException as exc:  # raised in the caller's thread
+                events.put(exc)
+            finally:
+                events.put(done)
+
+        thread = threading.Thread(target=run, name="generate-stream", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if thread.is_alive():
+                cancel.set()
+                thread.join()
 
     def _silence(self) -> str:
         if self.curve is not None:

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import inspect
 import logging
+import weakref
+from types import SimpleNamespace
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 from protocol.errors import RequestError
-from protocol.messages import RequestSpec, ResolvedParams
+from protocol.messages import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
 from triptych.families.samplers import FLOW_SAMPLERS, NOISE_SAMPLERS, SAMPLERS
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 StepFn = Callable[[int, int], None]  # (step, total)
+LatentsFn = Callable[[torch.Tensor], None]  # the batch's latents after a step, before that step is reported
 # (key, compute) -> tensors: a cache keyed by what is encoded; the node adds the model to the key.
 EncodeCache = Callable[[tuple, Callable[[], Tensors]], Tensors]
 
@@ -39,6 +42,12 @@ def _call_parameters(pipeline_class: type) -> Mapping[str, inspect.Parameter]:
 
 def _no_cache(key: tuple, compute: Callable[[], Tensors]) -> Tensors:
     return compute()
+
+
+# pipe -> {pipeline class name: that pipeline sharing pipe's components (diffusers' from_pipe)}
+_VARIANTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+# a denoiser's pipe -> the config of the VAE it does not load (what pipelines read of it)
+_VAE_CONFIGS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 class Family:
@@ -55,6 +64,74 @@ class Family:
     # Encoder components the pipeline can do without (its T5), left out by the encoder's --no-t5.
     optional_t5: ClassVar[tuple[str, ...]] = ()
     samplers: ClassVar[tuple[str, ...]] = NOISE_SAMPLERS  # names of triptych.families.samplers it can run
+    # diffusers pipelines for images in, sharing the text-to-image checkpoint's components; None: not served.
+    img2img_pipeline: ClassVar[str | None] = None
+    inpaint_pipeline: ClassVar[str | None] = None
+
+    # --- which pipeline serves a request ----------------------------------------------------
+
+    def pipeline_for(self, pipe: Any, workflow: str) -> Any:
+        """The pipeline that runs ``workflow`` (text-to-image, image-to-image, inpaint) with pipe's components.
+
+        A text-to-image checkpoint serves img2img and inpainting through diffusers' ``from_pipe``: the
+        same modules, no weights loaded twice. A dedicated inpainting checkpoint serves inpainting only.
+        """
+        name = {TEXT_TO_IMAGE: None, IMAGE_TO_IMAGE: self.img2img_pipeline, INPAINT: self.inpaint_pipeline}[workflow]
+        loaded = type(pipe).__name__
+        if workflow == TEXT_TO_IMAGE:
+            if loaded == self.inpaint_pipeline:
+                raise RequestError("image", f"{loaded} is an inpainting checkpoint: it needs an image and a mask")
+            return pipe
+        if name is None:
+            raise RequestError("image", f"{self.name} takes no images in ({workflow} is not served for it)")
+        if loaded == self.inpaint_pipeline and workflow != INPAINT:
+            raise RequestError("mask", f"{loaded} is an inpainting checkpoint: it needs a mask")
+        if loaded == name or loaded == self.inpaint_pipeline:
+            return pipe
+        variants = _VARIANTS.setdefault(pipe, {})
+        if name not in variants:
+            import diffusers
+
+            variant = getattr(diffusers, name).from_pipe(pipe)
+            variant.set_progress_bar_config(disable=True)
+            if getattr(pipe, "vae", None) is None:  # the denoiser: the VAE's scale factor came from its config
+                for processor in ("image_processor", "mask_processor"):
+                    if hasattr(variant, processor):
+                        ratio = getattr(variant, processor).config.vae_scale_factor // variant.vae_scale_factor
+                        setattr(
+                            variant,
+                            processor,
+                            type(getattr(variant, processor))(
+                                **{
+                                    **getattr(variant, processor).config,
+                                    "vae_scale_factor": pipe.vae_scale_factor * ratio,
+                                }
+                            ),
+                        )
+                variant.vae_scale_factor = pipe.vae_scale_factor
+                if pipe in _VAE_CONFIGS:  # pipelines for images in read the VAE's config (latent channels)
+                    variant.vae = SimpleNamespace(config=SimpleNamespace(**_VAE_CONFIGS[pipe]))
+            variants[name] = variant
+        return variants[name]
+
+    def strength(self, pipe: Any, request: RequestSpec) -> float | None:
+        """``strength`` as the pipeline gets it, for requests with images in."""
+        if request.workflow == TEXT_TO_IMAGE:
+            return None
+        runner = self.pipeline_for(pipe, request.workflow)
+        return float(self.call_default(runner, "strength") if request.strength is None else request.strength)
+
+    # --- images in: on the decoder node, which holds the VAE ---------------------------------
+
+    def encode_images(
+        self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
+    ) -> ImageInputs:
+        """The init image (and mask) -> what the denoiser's pipeline takes in their place.
+
+        ``denoiser`` is the denoiser's config (its sample size and input channels), read from the
+        checkpoint: the decoder node loads no denoiser weights.
+        """
+        raise RequestError("image", f"{self.name} takes no images in")
 
     # --- defaults ---------------------------------------------------------------------------
 
@@ -133,6 +210,11 @@ class Family:
             self.set_vae_scale_factor(pipe, 2 ** (len(blocks) - 1))
 
     @staticmethod
+    def keep_vae_config(pipe: Any, vae_config: dict) -> None:
+        """Remember the VAE's config for the pipelines of images in, which read it (the denoiser loads no VAE)."""
+        _VAE_CONFIGS[pipe] = vae_config
+
+    @staticmethod
     def set_vae_scale_factor(pipe: Any, scale: int) -> None:
         processor = getattr(pipe, "image_processor", None)
         if processor is not None:
@@ -192,9 +274,12 @@ class Family:
             kwargs["true_cfg_scale"] = params.true_cfg
         return kwargs
 
-    def resolve_params(self, pipe: Any, request: RequestSpec) -> ResolvedParams:
-        """The generation parameters as the pipeline will use them, for the decoder and the PNG."""
-        height, width = self.default_size(pipe)
+    def resolve_params(self, pipe: Any, request: RequestSpec, images: ImageInputs | None = None) -> ResolvedParams:
+        """The generation parameters as the pipeline will use them, for the decoder and the PNG.
+
+        With images in, the size is what the image encoder resolved (the image's own for img2img).
+        """
+        height, width = (images.height, images.width) if images is not None else self.default_size(pipe)
         steps = self.call_default(pipe, "num_inference_steps") if request.steps is None else request.steps
         return ResolvedParams(
             model=request.model,
@@ -205,9 +290,12 @@ class Family:
             steps=int(steps),
             guidance=self.guidance(pipe, request),
             true_cfg=self.true_cfg(pipe, request),
-            height=request.height or height,
-            width=request.width or width,
+            height=height if images is not None else (request.height or height),
+            width=width if images is not None else (request.width or width),
             scheduler=self.sampler(pipe, request),
+            strength=self.strength(pipe, request),
+            image_sha256=list(request.image_sha256),
+            mask_sha256=request.mask_sha256,
         )
 
     def sampler(self, pipe: Any, request: RequestSpec) -> str:
@@ -220,11 +308,13 @@ class Family:
             raise RequestError("scheduler", f"unknown scheduler {name!r} for {self.name}; it accepts {accepted}")
         return name
 
-    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec) -> tuple:
+    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
         """Requests with equal keys can run as one pipeline call: same settings, same tensor shapes."""
-        params = self.resolve_params(pipe, request)
+        params = self.resolve_params(pipe, request, images)
         shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
-        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler, shapes)
+        inputs = () if images is None else tuple(sorted((k, tuple(t.shape[1:])) for k, t in images.tensors.items()))
+        settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler)
+        return (*settings, request.workflow, params.strength, shapes, inputs)
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         """Stack each request's embeddings (batch of one), repeated once per image it asked for."""
@@ -242,15 +332,25 @@ class Family:
                 raise RequestError(side, f"{side} must be a multiple of {multiple} for {self.name} (got {value})")
 
     def denoise(
-        self, pipe: Any, batch: list[tuple[Tensors, RequestSpec]], on_step: StepFn
+        self,
+        pipe: Any,
+        batch: list[tuple[Tensors, RequestSpec]],
+        on_step: StepFn,
+        images: list[ImageInputs | None] | None = None,
+        on_latents: LatentsFn | None = None,
     ) -> list[tuple[torch.Tensor, ResolvedParams]]:
         """Requests with one batch key -> per request, latents (num_images, C, h, w) on CPU and params.
 
         Image i of a request with seed S uses its own generator seeded S + i, so batching changes
-        nothing in the result.
+        nothing in the result. With images in (``images``, one per request), each generator goes on
+        from where the image encoder's sampling left it.
         """
-        params = [self.resolve_params(pipe, request) for _, request in batch]
-        first = params[0]
+        images = images or [None] * len(batch)
+        params = [
+            self.resolve_params(pipe, request, inputs) for (_, request), inputs in zip(batch, images, strict=True)
+        ]
+        first, workflow = params[0], batch[0][1].workflow
+        runner = self.pipeline_for(pipe, workflow)
         self.check_size(pipe, first)
         counts = [request.num_images for _, request in batch]
         generators = [
@@ -258,22 +358,39 @@ class Family:
             for _, request in batch
             for i in range(request.num_images)
         ]
+        size: dict[str, Any] = {"height": first.height, "width": first.width}
+        if workflow != TEXT_TO_IMAGE:
+            states = torch.cat([inputs.generator_state for inputs in images if inputs is not None])
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state.clone())
+            size = {name: value for name, value in size.items() if self.takes(runner, name)}
+            size |= self.image_kwargs(runner, [inputs for inputs in images if inputs is not None], first)
         embeds = self.batch_embeds([(embeds, request.num_images) for embeds, request in batch])
         kwargs: dict[str, Any] = {
             **self.embed_kwargs(pipe, embeds),
             **self.extra_kwargs(pipe, batch[0][1]),
             "num_inference_steps": first.steps,
             **self.guidance_kwargs(first),
-            "height": first.height,
-            "width": first.width,
+            **size,
             "num_images_per_prompt": 1,
             "generator": generators,
             "output_type": "latent",
-            **self._progress_kwargs(pipe, first.steps, on_step),
+            **self._progress_kwargs(runner, first.steps, on_step, on_latents),
         }
-        with self._scheduler(pipe, first.scheduler):
-            latents = self.latents_of(pipe(**kwargs)).cpu()
+        with self._scheduler(runner, first.scheduler):
+            latents = self.latents_of(runner(**kwargs)).cpu()
         return list(zip(latents.split(counts), params, strict=True))
+
+    def image_kwargs(self, runner: Any, images: list[ImageInputs], params: ResolvedParams) -> dict[str, Any]:
+        """The pipeline arguments of images in: each request's tensors stacked, on the denoiser's device."""
+        denoiser = getattr(runner, self.denoiser_attr)
+        kwargs: dict[str, Any] = {
+            name: torch.cat([inputs.tensors[name] for inputs in images]).to(
+                denoiser.device, denoiser.dtype if images[0].tensors[name].is_floating_point() else torch.float32
+            )
+            for name in images[0].tensors
+        }
+        return kwargs | {"strength": params.strength}
 
     @staticmethod
     @contextlib.contextmanager
@@ -294,17 +411,26 @@ class Family:
         return output.images
 
     @staticmethod
-    def _progress_kwargs(pipe: Any, steps: int, on_step: StepFn) -> dict[str, Any]:
+    def _progress_kwargs(pipe: Any, steps: int, on_step: StepFn, on_latents: LatentsFn | None = None) -> dict[str, Any]:
+        """The pipeline's step callback: each step reported, and its latents shown to ``on_latents`` first."""
         parameters = _call_parameters(type(pipe))
         if "callback_on_step_end" in parameters:
 
             def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+                if on_latents is not None and "latents" in callback_kwargs:  # diffusers' default tensor input
+                    on_latents(callback_kwargs["latents"])
                 on_step(i + 1, int(getattr(pipe, "num_timesteps", None) or steps))
                 return callback_kwargs
 
             return {"callback_on_step_end": on_step_end}
         if "callback" in parameters:
-            return {"callback": lambda i, t, latents: on_step(i + 1, steps), "callback_steps": 1}
+
+            def callback(i: int, t: Any, latents: torch.Tensor) -> None:
+                if on_latents is not None:
+                    on_latents(latents)
+                on_step(i + 1, steps)
+
+            return {"callback": callback, "callback_steps": 1}
         return {}
 
     # --- stage 3: decode --------------------------------------------------------------------

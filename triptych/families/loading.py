@@ -82,6 +82,14 @@ def load_stage(
     return LoadedStage(family=family, pipe=pipe, model_index=model_index)
 
 
+def denoiser_config(model: str, family: Family) -> dict:
+    """The denoiser's config.json (sample size, input channels), without its weights: for the decoder node."""
+    import diffusers
+
+    # Any model class reads a config.json the same way.
+    return dict(diffusers.UNet2DConditionModel.load_config(model, subfolder=family.denoiser_attr))
+
+
 def _apply_vae_config(pipe: Any, model: str, family: Family) -> None:
     """The denoiser has no VAE, but its latent size depends on the VAE's scale factor."""
     import diffusers
@@ -93,3 +101,4 @@ def _apply_vae_config(pipe: Any, model: str, family: Family) -> None:
         logger.warning("%s: no vae/config.json; assuming the pipeline's default scale factor", model)
         return
     family.apply_vae_config(pipe, dict(config))
+    family.keep_vae_config(pipe, dict(config))

@@ -1,0 +1,133 @@
+"""Images in: img2img and inpainting through the split stages equal diffusers' own pipelines."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from protocol.errors import RequestError
+from tests.family_parity import max_difference, png_bytes, request_spec, split_run
+
+PROMPT = "a watercolor of a heron"
+
+
+def init_image(width: int = 96, height: int = 64) -> Image.Image:
+    """A picture with structure: a gradient, a disc and a bar."""
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    y = np.linspace(255, 0, height, dtype=np.uint8)
+    pixels = np.stack([np.tile(x, (height, 1)), np.tile(y[:, None], (1, width)), np.full((height, width), 90)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width // 4, height // 4, width // 2, height * 3 // 4), fill=(250, 200, 20))
+    draw.rectangle((width * 2 // 3, 4, width * 2 // 3 + 8, height - 4), fill=(20, 30, 200))
+    return image
+
+
+def mask_image(width: int = 96, height: int = 64) -> Image.Image:
+    """White repaints (a box on the right), black keeps."""
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((width // 2, height // 4, width - 8, height - 8), fill=255)
+    return mask
+
+
+def _reference(pipeline_class: str, path, seed: int, **kwargs) -> Image.Image:
+    import diffusers
+
+    from tests.family_parity import pipeline
+
+    pipe = getattr(diffusers, pipeline_class).from_pipe(pipeline(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+@pytest.mark.parametrize("strength", [0.6, None])
+def test_sd_img2img_equals_diffusers(family_checkpoint, strength):
+    path = family_checkpoint("sd")
+    image = init_image()
+    data = png_bytes(image)
+    options = {"guidance": 6.0, "negative_prompt": "blurry", **({"strength": strength} if strength else {})}
+    request = request_spec(path.name, prompt=PROMPT, steps=5, seed=21, num_images=2, images=[data], **options)
+    images = split_run(path, request, images=[data])
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "num_inference_steps": 5, "guidance_scale": 6.0}
+        kwargs |= {"negative_prompt": "blurry"} | ({"strength": strength} if strength else {})
+        expected = _reference("StableDiffusionImg2ImgPipeline", path, 21 + index, **kwargs)
+        assert got.size == (96, 64)  # the init image's size, as the pipeline makes it
+        assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_sd_inpaint_with_the_text_to_image_checkpoint_equals_diffusers(family_checkpoint, strength):
+    path = family_checkpoint("sd")
+    image, mask = init_image(), mask_image()
+    options = {"height": 64, "width": 96, "guidance": 5.0, "strength": strength}
+    request = request_spec(
+        path.name, prompt=PROMPT, steps=4, seed=3, num_images=2, images=[png_bytes(image)], mask=png_bytes(mask),
+        **options,
+    )  # fmt: skip
+    images = split_run(path, request, images=[png_bytes(image)], mask=png_bytes(mask))
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "mask_image": mask, "num_inference_steps": 4}
+        kwargs |= {"guidance_scale": 5.0, "strength": strength, "height": 64, "width": 96}
+        expected = _reference("StableDiffusionInpaintPipeline", path, 3 + index, **kwargs)
+        assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+def test_img2img_metadata_records_the_image_and_strength(family_checkpoint):
+    import hashlib
+
+    from decoder_node.png import read_metadata
+
+    path = family_checkpoint("sd")
+    data = png_bytes(init_image())
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=1, images=[data], strength=0.5)
+    assert request.image_sha256 == [hashlib.sha256(data).hexdigest()]
+    (image,) = split_run(path, request, images=[data])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # split_run returns the decoded PNG's pixels; check its params instead
+    from tests.family_parity import stage
+
+    denoiser = stage(path, "denoiser")
+    params = denoiser.family.resolve_params(denoiser.pipe, request)
+    assert params.strength == 0.5 and params.image_sha256 == [hashlib.sha256(data).hexdigest()]
+    from decoder_node.png import encode_png
+
+    meta = read_metadata(encode_png(image, params))
+    assert meta["strength"] == "0.5" and meta["image_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"not an image at all", "image: not an image"),
+        (png_bytes(init_image())[:200], "image: the image is truncated or corrupt"),
+    ],
+)
+def test_a_bad_image_is_named(family_checkpoint, data, message):
+    path = family_checkpoint("sd")
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=1, images=[data])
+    with pytest.raises(RequestError, match=message) as info:
+        split_run(path, request, images=[data])
+    assert info.value.field == "image"
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded():
+    from triptych.families.images import open_image
+
+    bomb = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(bomb, format="PNG")  # ~200 KB on the wire, 1.6 GB decoded
+    assert len(bomb.getvalue()) < 1 << 20
+    with pytest.raises(RequestError, match="image: .*over the limit of"):
+        open_image(bomb.getvalue(), "image")
+
+
+def test_a_family_without_images_in_says_so(family_checkpoint):
+    path = family_checkpoint("pixart-alpha")
+    data = png_bytes(init_image())
+    request = request_spec(path.name, prompt=PROMPT, steps=2, seed=1, images=[data])
+    with pytest.raises(RequestError, match="takes no images in"):
+        split_run(path, request, images=[data])
