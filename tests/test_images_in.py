@@ -121,7 +121,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded():
     bomb = io.BytesIO()
     Image.new("1", (40000, 40000)).save(bomb, format="PNG")  # ~200 KB on the wire, 1.6 GB decoded
     assert len(bomb.getvalue()) < 1 << 20
-    with pytest.raises(RequestError, match="image: .*over the limit of"):
+    with pytest.raises(RequestError, match=r"image: .*over the limit of"):
         open_image(bomb.getvalue(), "image")
 
 
@@ -131,3 +131,38 @@ def test_a_family_without_images_in_says_so(family_checkpoint):
     request = request_spec(path.name, prompt=PROMPT, steps=2, seed=1, images=[data])
     with pytest.raises(RequestError, match="takes no images in"):
         split_run(path, request, images=[data])
+
+
+@pytest.fixture(scope="module")
+def inpainting_checkpoint(family_checkpoint, tmp_path_factory):
+    """A dedicated inpainting checkpoint: the tiny SD one with a 9-channel UNet (latents, mask, masked image)."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    base = StableDiffusionPipeline.from_pretrained(family_checkpoint("sd"))
+    torch.manual_seed(7)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    components = {**base.components, "unet": unet}
+    path = tmp_path_factory.mktemp("inpainting") / "sd-inpainting"
+    StableDiffusionInpaintPipeline(**components).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_sd_inpainting_checkpoint_equals_diffusers(inpainting_checkpoint, strength):
+    path = inpainting_checkpoint
+    image, mask = init_image(), mask_image()
+    request = request_spec(
+        path.name, prompt=PROMPT, steps=4, seed=8, num_images=2, images=[png_bytes(image)], mask=png_bytes(mask),
+        height=64, width=96, guidance=5.0, strength=strength,
+    )  # fmt: skip
+    images = split_run(path, request, images=[png_bytes(image)], mask=png_bytes(mask))
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "mask_image": mask, "num_inference_steps": 4, "height": 64}
+        kwargs |= {"width": 96, "guidance_scale": 5.0, "strength": strength}
+        expected = _reference("StableDiffusionInpaintPipeline", path, 8 + index, **kwargs)
+        assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+def test_an_inpainting_checkpoint_refuses_text_to_image(inpainting_checkpoint):
+    with pytest.raises(RequestError, match="inpainting checkpoint"):
+        split_run(inpainting_checkpoint, request_spec(inpainting_checkpoint.name, prompt=PROMPT, steps=2, seed=1))

@@ -13,8 +13,8 @@ import functools
 import inspect
 import logging
 import weakref
-from types import SimpleNamespace
 from collections.abc import Callable, Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -87,6 +87,8 @@ class Family:
         if loaded == self.inpaint_pipeline and workflow != INPAINT:
             raise RequestError("mask", f"{loaded} is an inpainting checkpoint: it needs a mask")
         if loaded == name or loaded == self.inpaint_pipeline:
+            if getattr(pipe, "vae", None) is None and pipe in _VAE_CONFIGS:  # what the pipeline reads of its VAE
+                pipe.vae = SimpleNamespace(config=SimpleNamespace(**_VAE_CONFIGS[pipe]))
             return pipe
         variants = _VARIANTS.setdefault(pipe, {})
         if name not in variants:

@@ -22,13 +22,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from protocol.messages import StatusReply
 from triptych.client import Client, GeneratedImage, GenerationError
 from triptych.http.auth import RequireApiKey
 from triptych.http.errors import HANDLERS, ApiError, error_from_failure
 from triptych.http.models import ModelCatalog
-from triptych.http.params import parse_generation, read_json
+from triptych.http.params import GenerationParams, parse_generation, read_json
 from triptych.http.pool import ClientPool
 from triptych.http.store import ImageStore
+from triptych.http.streaming import openai_stream, progress_stream
+from triptych.status import status_dict
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class Gateway:
     async def _call(self, fn: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run a blocking function (a client call) on a worker thread, within the cap on calls at once."""
+        return await self._call(fn)
+
     def _model_card(self, model: str) -> dict:
         card = {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
         return card | {"samplers": self.models.samplers(model)}
@@ -73,32 +80,45 @@ class Gateway:
             raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
         return JSONResponse(self._model_card(model))
 
-    async def generate(self, request: Request) -> JSONResponse:
+    @staticmethod
+    def user_of(request: Request, end_user: str = "") -> str:
+        """Whom a request is for: the broker's queues take turns per API key, and per end user within it
+        (hashed: a short, fixed length, and no end-user ids in the broker's state)."""
+        tenant = getattr(request.state, "api_key", "http")
+        return f"{tenant}/{hashlib.sha256(end_user.encode()).hexdigest()[:16]}" if end_user else tenant
+
+    def run_generation(
+        self, params: GenerationParams, user: str, cancel: threading.Event, **options: Any
+    ) -> list[GeneratedImage]:
+        """The blocking client call behind every images route (``options``: callbacks, preview_every)."""
+        with self.pool.client() as client:
+            return client.generate(
+                params.prompt,
+                model=params.model,
+                negative_prompt=params.negative_prompt,
+                steps=params.steps,
+                guidance=params.guidance,
+                true_cfg=params.true_cfg,
+                height=params.height,
+                width=params.width,
+                seed=params.seed,
+                num_images=params.n,
+                scheduler=params.scheduler,
+                cancel=cancel,
+                user=user,
+                **options,
+            )
+
+    async def generate(self, request: Request) -> Response:
         params = parse_generation(await read_json(request))
         params.model = await self.models.resolve(params.model)
-        # The broker's queues take turns per user: per API key, and OpenAI's "user" within it
-        # (hashed: a short, fixed length, and no end-user ids in the broker's state).
-        tenant = getattr(request.state, "api_key", "http")
-        user = f"{tenant}/{hashlib.sha256(params.user.encode()).hexdigest()[:16]}" if params.user else tenant
+        user = self.user_of(request, params.user)
+        if params.stream:
+            return openai_stream(self, params, user)
         cancel = threading.Event()
 
         def run() -> list[GeneratedImage]:
-            with self.pool.client() as client:
-                return client.generate(
-                    params.prompt,
-                    model=params.model,
-                    negative_prompt=params.negative_prompt,
-                    steps=params.steps,
-                    guidance=params.guidance,
-                    true_cfg=params.true_cfg,
-                    height=params.height,
-                    width=params.width,
-                    seed=params.seed,
-                    num_images=params.n,
-                    scheduler=params.scheduler,
-                    cancel=cancel,
-                    user=user,
-                )
+            return self.run_generation(params, user, cancel, preview_every=0)  # nobody sees previews here
 
         try:
             images = await self._run_until_disconnect(request, run, cancel)
@@ -137,6 +157,25 @@ class Gateway:
             raise error
         return result
 
+    async def generate_events(self, request: Request) -> Response:
+        """The body of images/generations; answers every progress event, preview and image as server-sent events."""
+        params = parse_generation(await read_json(request))
+        params.model = await self.models.resolve(params.model)
+        return progress_stream(self, params, self.user_of(request, params.user))
+
+    async def status(self, request: Request) -> JSONResponse:
+        """The broker's nodes (with their mean job times), queues and requests in flight."""
+
+        def ask() -> StatusReply:
+            with self.pool.client() as client:
+                return client.status()
+
+        try:
+            reply = await self._call(ask)
+        except GenerationError as exc:
+            raise error_from_failure(exc) from exc
+        return JSONResponse(status_dict(reply))
+
     async def get_file(self, request: Request) -> Response:
         png = self.store.get(request.path_params["file_id"])
         if png is None:
@@ -162,6 +201,8 @@ def create_app(
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
         Route("/v1/images/generations", gateway.generate, methods=["POST"]),
+        Route("/v1/images/generations/events", gateway.generate_events, methods=["POST"]),
+        Route("/v1/status", gateway.status, methods=["GET"]),
         Route("/v1/files/{file_id}.png", gateway.get_file, methods=["GET"], name="file"),
     ]
     middleware = [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []

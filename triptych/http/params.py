@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a request body is a prompt and a few numbers
 RESPONSE_FORMATS = ("b64_json", "url")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on partial_images
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 _JSON_TYPES = {
     bool: "a boolean",
@@ -58,6 +59,9 @@ class GenerationParams:
     true_cfg: float | None  # the pipeline's true_cfg_scale (a real negative-prompt pass), where it has one
     scheduler: str | None  # a sampler name (euler_a, dpmpp_2m...); None = the checkpoint's scheduler
     user: str  # OpenAI's end-user id ("" = none)
+    stream: bool = False  # answer with server-sent events (OpenAI's image generation stream)
+    partial_images: int = 0  # previews sent as partial images when streaming, 0 to 3
+    preview_every: int | None = None  # denoising steps between previews (progress stream); None: a quarter
 
 
 async def read_json(request: Request) -> Any:
@@ -140,6 +144,11 @@ def parse_generation(body: Any) -> GenerationParams:
     if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise invalid("num_inference_steps", f"num_inference_steps must be between 1 and {MAX_STEPS} (got {steps})")
     guidance, true_cfg = _scale(body, "guidance_scale"), _scale(body, "true_cfg_scale")
+    partial_images = _field(body, "partial_images", int) or 0
+    if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        raise invalid(
+            "partial_images", f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES} (got {partial_images})"
+        )
     params = GenerationParams(
         prompt=prompt,
         model=_field(body, "model", str) or "",
@@ -154,6 +163,9 @@ def parse_generation(body: Any) -> GenerationParams:
         true_cfg=true_cfg,
         scheduler=_field(body, "scheduler", str),
         user=_field(body, "user", str) or "",
+        stream=bool(_field(body, "stream", bool)),
+        partial_images=partial_images,
+        preview_every=_field(body, "preview_every", int),
     )
     # The broker's own bounds (prompt length...), so that they too come back naming the field.
     check = GenerateRequest(
@@ -169,6 +181,7 @@ def parse_generation(body: Any) -> GenerationParams:
         seed=seed or 0,
         num_images=n,
         scheduler=params.scheduler,
+        preview_every=params.preview_every,
         user=params.user,
     )
     if (problem := request_error(check)) is not None:
