@@ -6,7 +6,9 @@ the index of an extra frame that carries the bytes (large tensors, sent with ``c
 so an embedding is never copied into the msgpack buffer).
 
 Decoding never runs code: only plain msgpack types and tensors of an allow-listed dtype are
-rebuilt, and a tensor's byte length must equal ``numel * itemsize`` before it is built. A tensor
+rebuilt, and a tensor's byte length must equal ``numel * itemsize`` before it is built. The work a
+message may cost is bounded before msgpack builds anything (:mod:`protocol.budget`: values and
+nesting across the whole document, and at most ``MAX_TENSORS`` tensors). A tensor
 decodes to a :class:`~protocol.tensors.WireTensor` sharing memory with the received frame (the
 broker forwards it as is); ``torch_tensors=True`` rebuilds torch tensors instead, for the nodes.
 Nothing here imports torch unless a torch tensor is encoded or asked for.
@@ -21,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from protocol.budget import BudgetError, check_budget
 from protocol.tensors import ITEMSIZES, WireTensor, is_torch_tensor, to_torch
 
 EXT_TENSOR = 1
@@ -28,6 +31,8 @@ INLINE_MAX_BYTES = 1024  # tensors up to this size travel inside the msgpack doc
 MAX_DIMS = 8
 MAX_TENSOR_BYTES = 1 << 32  # 4 GiB: anything larger is hostile or a bug
 MAX_FRAMES = 4096
+MAX_TENSORS = 256  # tensors in one message (a stage result holds a few)
+SPEC_MAX_BYTES = 4096  # one tensor's [dtype, shape, data] spec: inline data is at most INLINE_MAX_BYTES
 DTYPE_NAMES = tuple(ITEMSIZES)  # the only dtypes that may cross the wire
 
 # Limits handed to the msgpack unpacker so a hostile header cannot allocate without bound.
@@ -36,7 +41,7 @@ _UNPACK_LIMITS = {
     "max_bin_len": 64 << 20,
     "max_array_len": 1 << 16,
     "max_map_len": 1 << 12,
-    "max_ext_len": 1 << 20,
+    "max_ext_len": SPEC_MAX_BYTES,
 }
 
 Frame = bytes | memoryview | Any  # zmq.Frame is accepted too (anything with the buffer protocol)
@@ -144,11 +149,17 @@ def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
     if len(frames) > MAX_FRAMES:
         raise CodecError(f"too many frames ({len(frames)} > {MAX_FRAMES})")
     used: set[int] = set()
+    tensors = 0
 
     def ext_hook(code: int, data: bytes) -> WireTensor:
+        nonlocal tensors
         if code != EXT_TENSOR:
             raise CodecError(f"unknown msgpack extension type {code}")
+        tensors += 1
+        if tensors > MAX_TENSORS:
+            raise CodecError(f"more than {MAX_TENSORS} tensors in one message")
         try:
+            check_budget(data, max_objects=3 + MAX_DIMS, max_depth=2)
             spec = msgpack.unpackb(data, raw=False, **_UNPACK_LIMITS)
         except Exception as exc:
             raise CodecError(f"malformed tensor spec: {exc}") from exc
@@ -169,8 +180,13 @@ def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
             )
         return WireTensor(dtype, shape, buffer.cast("B") if buffer.nbytes else memoryview(b""))
 
+    header = _buffer(frames[0])
     try:
-        obj = msgpack.unpackb(_buffer(frames[0]), ext_hook=ext_hook, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        check_budget(header)
+    except BudgetError as exc:
+        raise CodecError(f"message refused before decoding: {exc}") from None
+    try:
+        obj = msgpack.unpackb(header, ext_hook=ext_hook, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except CodecError:
         raise
     except Exception as exc:  # msgpack raises several types on garbage, incl. ValueError/TypeError

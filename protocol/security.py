@@ -1,22 +1,28 @@
 """CURVE authentication and encryption (ZeroMQ's CurveZMQ), with keys in zmq.auth's file format.
 
-The broker holds a secret key and a folder of authorized public keys; every client and node
-holds its own secret key and the broker's public key. A peer whose key is not authorized, or
-that speaks without CURVE, completes no handshake and so gets nothing processed.
+The broker holds a secret key and folders of public keys by role: keys that may register as nodes,
+keys that may send requests, and keys that may do both; every client and node holds its own secret
+key and the broker's public key. A peer whose key is in no folder, or that speaks without CURVE,
+completes no handshake and so gets nothing processed. An admitted peer's connection carries its
+roles and key as its ZAP User-Id (:mod:`protocol.peers`), so the broker refuses node messages from
+a client key and requests from a node key.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-if TYPE_CHECKING:
-    from zmq.auth.thread import ThreadAuthenticator
+from protocol.peers import CLIENT, NODE, user_id
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +35,67 @@ class KeyFileError(ValueError):
 class Curve:
     secret_file: Path  # this side's NAME.key_secret (holds the public key too)
     broker_public_file: Path | None = None  # clients and nodes: the broker's NAME.key
-    authorized_dir: Path | None = None  # the broker: folder of allowed public keys (*.key)
+    authorized_dir: Path | None = None  # the broker: public keys (*.key) that may be nodes and clients
+    nodes_dir: Path | None = None  # the broker: public keys that may register as nodes
+    clients_dir: Path | None = None  # the broker: public keys that may send requests
 
 
 def generate_keys(folder: str | Path, name: str) -> tuple[Path, Path]:
-    """Write folder/name.key (public) and folder/name.key_secret; returns both paths."""
+    """Write folder/name.key (public) and folder/name.key_secret; returns both paths.
+
+    The secret file is created readable by its owner only (never widened later, so no other user
+    can open it in between), and an existing key pair is never replaced.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(folder, name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public_file, secret_file = folder / f"{name}.key", folder / f"{name}.key_secret"
+    for path in (public_file, secret_file):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists: remove it first or pick another name")
+    public, secret = zmq.curve_keypair()
+    _write_key_file(secret_file, _certificate("Secret", public, secret), mode=0o600)
+    _write_key_file(public_file, _certificate("Public", public), mode=0o644)
+    return public_file, secret_file
+
+
+def _certificate(kind: str, public: bytes, secret: bytes | None = None) -> str:
+    """A key file in zmq.auth's format (what zmq.auth.load_certificate reads)."""
+    lines = [
+        f"#   ****  Generated on {datetime.datetime.now()} by triptych  ****",
+        f"#   ZeroMQ CURVE **{kind}** Certificate",
+        "",
+        "metadata",
+        "curve",
+        f'    public-key = "{public.decode()}"',
+    ]
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+def _write_key_file(path: Path, text: str, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise KeyFileError(f"{path} already exists: remove it first or pick another name") from exc
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bind address is reachable from this machine only (ipc, inproc, a loopback host)."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if scheme != "tcp" or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: reachable from elsewhere
+        return False
 
 
 def load_key(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
@@ -65,22 +122,51 @@ def secure_client(sock: zmq.Socket, curve: Curve | None) -> None:
     sock.curve_serverkey = server_public
 
 
+class RoleAuthenticator(ThreadAuthenticator):
+    """A ZAP handler that admits the keys it is given and names each one's roles in its User-Id."""
+
+    def __init__(self, ctx: zmq.Context, roles: dict[bytes, frozenset[str]]) -> None:
+        super().__init__(ctx)
+        self.roles = roles  # z85 public key -> its roles
+        self.certs = {"*": dict.fromkeys(roles, True)}  # what ThreadAuthenticator admits
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        key = z85.encode(client_public_key)
+        return user_id(self.roles.get(key, frozenset()), key.decode("ascii"))
+
+
+def key_roles(curve: Curve) -> dict[bytes, frozenset[str]]:
+    """Every admitted public key (z85) with its roles, from the broker's key folders."""
+    folders = [
+        ("--curve-authorized", curve.authorized_dir, frozenset({NODE, CLIENT})),
+        ("--curve-nodes", curve.nodes_dir, frozenset({NODE})),
+        ("--curve-clients", curve.clients_dir, frozenset({CLIENT})),
+    ]
+    if all(folder is None for _, folder, _ in folders):
+        raise KeyFileError("CURVE needs a folder of public keys: --curve-authorized, --curve-nodes or --curve-clients")
+    roles: dict[bytes, frozenset[str]] = {}
+    for flag, folder, granted in folders:
+        if folder is None:
+            continue
+        if not folder.is_dir():
+            raise KeyFileError(f"{flag} must be a folder of public keys (got {folder})")
+        for key in zmq.auth.load_certificates(folder):
+            roles[key] = roles.get(key, frozenset()) | granted
+    return roles
+
+
 def secure_server(ctx: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> ThreadAuthenticator | None:
-    """Make the broker's socket a CURVE server that admits only authorized public keys."""
+    """Make the broker's socket a CURVE server that admits only the keys of its folders, with their roles."""
     if curve is None:
         return None
-    if curve.authorized_dir is None or not curve.authorized_dir.is_dir():
-        raise KeyFileError(f"--curve-authorized must be a folder of public keys (got {curve.authorized_dir})")
+    roles = key_roles(curve)
     public, secret = load_key(curve.secret_file, need_secret=True)
-    from zmq.auth.thread import ThreadAuthenticator  # asyncio comes with it: only the broker pays for it
-
-    authenticator = ThreadAuthenticator(ctx)
+    authenticator = RoleAuthenticator(ctx, roles)
     authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(curve.authorized_dir))
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_server = True
-    logger.info(
-        "CURVE on: %d authorized key(s) in %s", len(list(curve.authorized_dir.glob("*.key"))), curve.authorized_dir
-    )
+    nodes = sum(NODE in granted for granted in roles.values())
+    clients = sum(CLIENT in granted for granted in roles.values())
+    logger.info("CURVE on: %d key(s) may register as nodes, %d may send requests", nodes, clients)
     return authenticator

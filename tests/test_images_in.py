@@ -166,3 +166,72 @@ def test_sd_inpainting_checkpoint_equals_diffusers(inpainting_checkpoint, streng
 def test_an_inpainting_checkpoint_refuses_text_to_image(inpainting_checkpoint):
     with pytest.raises(RequestError, match="inpainting checkpoint"):
         split_run(inpainting_checkpoint, request_spec(inpainting_checkpoint.name, prompt=PROMPT, steps=2, seed=1))
+
+
+# --- through real node processes ---------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_cli_img2img_through_the_nodes_equals_diffusers(cluster, checkpoints, tmp_path):
+    from pathlib import Path
+
+    from decoder_node.png import read_metadata
+    from tests.support import max_pixel_difference
+
+    image = init_image()
+    image.save(tmp_path / "in.png")
+    result = cluster.generate_cli(
+        PROMPT, *("--model", "sd-tiny", "--image", str(tmp_path / "in.png"), "--strength", "0.7"),
+        *("--steps", "5", "--seed", "12", "--num-images", "2", "--out", str(tmp_path / "out")),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    for index, path in enumerate(paths):
+        kwargs = {"prompt": PROMPT, "image": image, "strength": 0.7, "num_inference_steps": 5}
+        expected = _reference("StableDiffusionImg2ImgPipeline", checkpoints["sd-tiny"], 12 + index, **kwargs)
+        assert max_pixel_difference(path, expected) <= 1, f"image {index}"
+    meta = read_metadata(paths[0].read_bytes())
+    import hashlib
+
+    assert meta["strength"] == "0.7"
+    assert meta["image_sha256"] == hashlib.sha256((tmp_path / "in.png").read_bytes()).hexdigest()
+
+
+@pytest.mark.e2e
+def test_python_api_inpaint_through_the_nodes_equals_diffusers(cluster, checkpoints):
+    from tests.support import max_pixel_difference
+
+    image, mask = init_image(), mask_image()
+    with cluster.client() as client:
+        (got,) = client.generate(
+            PROMPT, model="sd-tiny", image=image, mask=png_bytes(mask), steps=4, seed=5, height=64, width=96
+        )
+    kwargs = {"prompt": PROMPT, "image": image, "mask_image": mask, "num_inference_steps": 4, "height": 64}
+    expected = _reference("StableDiffusionInpaintPipeline", checkpoints["sd-tiny"], 5, **kwargs | {"width": 96})
+    assert max_pixel_difference(got.png, expected) <= 1
+    assert got.params["mask_sha256"] and got.params["strength"] == 1.0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"image": b"\x89PNG not really"}, "image", "image: not an image"),
+        ({"image": "PNG", "mask": b"garbage"}, "mask", "mask: not an image"),
+        ({"image": "PNG", "strength": 1.5}, "strength", "strength must be in (0, 1]"),
+        ({"mask": "PNG"}, "mask", "a mask needs an image"),
+        ({"image": "PNG", "height": 64}, "height", "makes the init image's size"),
+    ],
+)
+def test_bad_images_in_are_named_and_harm_nothing(cluster, options, field, message):
+    from triptych.client import GenerationError
+
+    data = png_bytes(init_image())
+    options = {name: data if value == "PNG" else value for name, value in options.items()}
+    with cluster.client() as client:
+        with pytest.raises(GenerationError) as info:
+            client.generate(PROMPT, model="sd-tiny", steps=2, seed=1, **options)
+        assert (info.value.code, info.value.field) == ("invalid_request", field)
+        assert message in str(info.value)
+        (image,) = client.generate(PROMPT, model="sd-tiny", steps=2, seed=1)  # the cluster still serves
+    assert image.png.startswith(b"\x89PNG")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import subprocess
@@ -29,9 +30,12 @@ from protocol.messages import (
     DenoisedLatents,
     DenoiseJob,
     Embeddings,
+    EncodedImages,
+    EncodeImagesJob,
     EncodeJob,
     GenerateRequest,
     Heartbeat,
+    ImageInputs,
     ImageResult,
     JobCancel,
     JobFailed,
@@ -63,6 +67,13 @@ EMBEDS = torch.randn(1, 77, 32).to(torch.bfloat16)  # (1, 77, 768) in real model
 POOLED = torch.randn(1, 16)  # small: inside the msgpack document
 MASK = torch.ones(1, 77, dtype=torch.bool)
 LATENTS = torch.randn(3, 4, 8, 8)  # (num_images, C, H/8, W/8)
+IMAGE_INPUTS = ImageInputs(
+    tensors={"image": torch.randn(3, 4, 8, 8), "mask_image": torch.ones(3, 1, 64, 64, dtype=torch.float16)},
+    generator_state=torch.randint(0, 256, (3, 16), dtype=torch.uint8),
+    height=64,
+    width=64,
+)
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(200)
 
 SPEC = RequestSpec(
     model="sd-tiny",
@@ -74,6 +85,10 @@ SPEC = RequestSpec(
     width=64,
     seed=7,
     num_images=3,
+    scheduler="euler_a",
+    preview_every=0,
+    strength=0.75,
+    image_sha256=[hashlib.sha256(PNG).hexdigest()],
 )
 PARAMS = ResolvedParams(
     model="sd-tiny",
@@ -102,6 +117,11 @@ SAMPLES: list[Message] = [
         width=768,
         seed=2**63 - 4,
         num_images=3,
+        scheduler="dpmpp_2m",
+        preview_every=5,
+        images=[PNG],
+        mask=PNG[:100],
+        strength=1,
         timeout=12,
         user="alice",
     ),
@@ -109,6 +129,7 @@ SAMPLES: list[Message] = [
     StatusRequest(request_id="s1"),
     RequestAccepted(request_id="r1"),
     ProgressEvent(request_id="r1", stage="denoise", service="denoiser", node="host:1", step=3, total=20),
+    ProgressEvent(request_id="r1", stage="denoise", node="host:1", step=5, total=20, previews=[PNG, PNG]),
     ImageResult(
         request_id="r1",
         index=2,
@@ -132,14 +153,19 @@ SAMPLES: list[Message] = [
     Heartbeat(stats={"cache_hits": 3, "cache_bytes": 1 << 40, "ratio": 0.5}),
     WorkerGoodbye(),
     JobProgress(job_id="j1", step=5, total=20),
+    JobProgress(job_id="j1", step=10, total=20, previews=[PNG]),
     JobFailed(job_id="j1", error="RuntimeError: boom"),
     JobFailed(job_id="j2", error="true_cfg: no true_cfg_scale", code=errors.INVALID_REQUEST, field="true_cfg"),
     Embeddings(job_id="j1", embeds={"prompt_embeds": EMBEDS, "pooled_prompt_embeds": POOLED, "mask": MASK}),
     Embeddings(job_id="j1b", embeds={}, stats={"cache_hits": 1}),
     DenoisedLatents(job_id="j2", latents=LATENTS, params=PARAMS, warnings=["x"], stats={"images": 3}),
     DecodedImage(job_id="j3", png=b"\x89PNG"),
+    EncodedImages(job_id="j7", inputs=IMAGE_INPUTS),
     EncodeJob(job_id="j4", request_id="r1", request=SPEC),
     DenoiseJob(job_id="j5", request_id="r1", request=SPEC, embeds={"prompt_embeds": EMBEDS, "mask": MASK}),
+    DenoiseJob(job_id="j5b", request_id="r1", request=SPEC, embeds={"prompt_embeds": EMBEDS}, images=IMAGE_INPUTS),
+    EncodeImagesJob(job_id="j8", request_id="r1", request=SPEC, images=[PNG]),
+    EncodeImagesJob(job_id="j8b", request_id="r1", request=SPEC, images=[PNG, PNG], mask=PNG),
     DecodeJob(job_id="j6", request_id="r1", params=PARAMS, index=1, latents=LATENTS[1:2]),
     JobCancel(job_id="j4"),
     Reconnect(),
@@ -302,12 +328,24 @@ def test_the_spec_of_a_request_is_what_every_stage_sees_of_it():
     request = SAMPLES[1]
     spec = request.spec()
     assert isinstance(spec, RequestSpec)
-    for f in dataclasses.fields(RequestSpec):
-        assert getattr(spec, f.name) == getattr(request, f.name)
-    assert {"request_id", "timeout", "user"}.isdisjoint(plain(spec))
+    for name in {f.name for f in dataclasses.fields(RequestSpec)} - {"image_sha256", "mask_sha256"}:
+        assert getattr(spec, name) == getattr(request, name), name
+    # The image files go only to the stage that encodes them; every other stage sees their digests.
+    assert spec.image_sha256 == [hashlib.sha256(PNG).hexdigest()]
+    assert spec.mask_sha256 == hashlib.sha256(PNG[:100]).hexdigest()
+    assert {"request_id", "timeout", "user", "images", "mask"}.isdisjoint(plain(spec))
+    assert SAMPLES[0].spec().image_sha256 == [] and SAMPLES[0].spec().mask_sha256 is None
 
 
-@pytest.mark.parametrize("job", [EncodeJob, DenoiseJob, DecodeJob])
+STAGE_JOBS = [cls for cls in MESSAGE_TYPES.values() if issubclass(cls, StageJob)]
+
+
+def test_the_stage_jobs_include_the_typed_jobs_of_every_stage():
+    assert {EncodeJob, EncodeImagesJob, DenoiseJob, DecodeJob} <= set(STAGE_JOBS)
+    assert {job.STAGE for job in STAGE_JOBS} == set(STAGE_SERVICE)
+
+
+@pytest.mark.parametrize("job", STAGE_JOBS, ids=lambda job: job.KIND)
 def test_each_stage_job_names_its_stage_service_and_result(job):
     assert job.SERVICE in SERVICES
     assert STAGE_SERVICE[job.STAGE] == job.SERVICE
@@ -316,10 +354,10 @@ def test_each_stage_job_names_its_stage_service_and_result(job):
     assert {"job_id", "request_id"} <= {f.name for f in dataclasses.fields(job)}
 
 
-def test_the_three_stages_run_on_the_three_services_with_distinct_results():
-    jobs = (EncodeJob, DenoiseJob, DecodeJob)
-    assert [job.SERVICE for job in jobs] == list(SERVICES)
-    assert len({job.RESULT for job in jobs}) == 3
+def test_every_service_runs_some_stage_and_every_stage_has_its_own_result():
+    assert [job.SERVICE for job in (EncodeJob, DenoiseJob, DecodeJob)] == list(SERVICES)
+    assert EncodeImagesJob.SERVICE == DecodeJob.SERVICE  # the decoder node holds the VAE: both its halves
+    assert len({job.RESULT for job in STAGE_JOBS}) == len(STAGE_JOBS)
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -346,7 +384,17 @@ IMAGE = {
     "png": b"",
     "params": plain(PARAMS),
 }
-BODIES = {"encode_job": ENCODE, "denoise_job": DENOISE, "decode_job": DECODE, "latents": LATENTS_BODY, "image": IMAGE}
+DENOISE_IMAGES = {**DENOISE, "images": plain(IMAGE_INPUTS)}
+ENCODE_IMAGES = {**ENCODE, "kind": "encode_images_job", "images": [PNG], "mask": PNG}
+BODIES = {
+    "encode_job": ENCODE,
+    "denoise_job": DENOISE,
+    "denoise_job+images": DENOISE_IMAGES,
+    "encode_images_job": ENCODE_IMAGES,
+    "decode_job": DECODE,
+    "latents": LATENTS_BODY,
+    "image": IMAGE,
+}
 
 
 def nested(body: dict, path: str, value: object = ..., *, delete: bool = False) -> dict:
@@ -368,6 +416,7 @@ def test_the_hand_made_stage_bodies_are_valid():
     """So each refusal below is refused for the one thing it changes."""
     for body in BODIES.values():
         assert type(messages.from_frames(raw(body))) is MESSAGE_TYPES[body["kind"]]
+    assert isinstance(messages.from_frames(raw(DENOISE_IMAGES)).images, ImageInputs)
 
 
 @pytest.mark.parametrize("version", [0, 1, PROTOCOL_VERSION + 1, "2", None, [2]])
@@ -475,6 +524,8 @@ def test_other_wrong_types_are_refused(body):
         ("encode_job", "request.guidance", "7.5"),
         ("denoise_job", "request.num_images", True),
         ("denoise_job", "request.negative_prompt", ["x"]),
+        ("denoise_job", "request.image_sha256", "abc"),
+        ("encode_images_job", "request.strength", "0.5"),
         ("decode_job", "params.height", "64"),
         ("decode_job", "params.guidance", "7.5"),
         ("decode_job", "params.negative_prompt", None),  # "" when none, never None
@@ -486,6 +537,31 @@ def test_other_wrong_types_are_refused(body):
 def test_a_nested_field_of_the_wrong_type_is_refused_naming_its_path(kind, path, value):
     with pytest.raises(ProtocolError, match=re.escape(repr(path)) + ".*wrong type"):
         messages.from_frames(raw(nested(BODIES[kind], path, value)))
+
+
+OPTIONAL_NESTED_MISTAKES = [
+    ("images.height", "64"),
+    ("images.width", None),
+    ("images.height", torch.tensor(64)),  # a tensor outside a tensor field
+    ("images.generator_state", b"\x00" * 48),  # a non-tensor in a tensor field
+    ("images.generator_state", None),
+    ("images.tensors", {"image": "pixels"}),
+    ("images.tensors", [LATENTS]),
+]
+OPTIONAL_NESTED_IDS = [f"{path}-{type(value).__name__}" for path, value in OPTIONAL_NESTED_MISTAKES]
+
+
+@pytest.mark.parametrize(("path", "value"), OPTIONAL_NESTED_MISTAKES, ids=OPTIONAL_NESTED_IDS)
+def test_a_wrong_field_inside_an_optional_nested_field_is_refused(path, value):
+    with pytest.raises(ProtocolError, match=r"'images.*wrong type"):
+        messages.from_frames(raw(nested(DENOISE_IMAGES, path, value)))
+
+
+@pytest.mark.parametrize(("path", "value"), OPTIONAL_NESTED_MISTAKES, ids=OPTIONAL_NESTED_IDS)
+def test_a_wrong_field_inside_an_optional_nested_field_is_named_by_its_path(path, value):
+    """DenoiseJob.images may be None; a map there is checked as ImageInputs and its mistakes named as such."""
+    with pytest.raises(ProtocolError, match=re.escape(repr(path)) + ".*wrong type"):
+        messages.from_frames(raw(nested(DENOISE_IMAGES, path, value)))
 
 
 @pytest.mark.parametrize("value", ["not a map", [1, 2], None, 5, b"\x80"], ids=repr)
@@ -503,6 +579,8 @@ def test_a_nested_field_that_is_not_a_map_is_refused(kind, field, value):
         ("encode_job", "request.user"),
         ("denoise_job", "request.request_id"),
         ("decode_job", "params.colour"),
+        ("denoise_job+images", "images.colour"),
+        ("encode_images_job", "request.images"),  # the image files travel beside the spec, not in it
         ("image", "params.index"),
     ],
 )
@@ -521,6 +599,8 @@ def test_an_unknown_nested_field_is_refused(kind, path):
         ("decode_job", "params.family"),
         ("decode_job", "params.guidance"),  # may be None, but must be there
         ("latents", "params.width"),
+        ("denoise_job+images", "images.generator_state"),
+        ("denoise_job+images", "images.tensors"),
     ],
 )
 def test_a_missing_required_nested_field_is_refused(kind, path):
@@ -570,6 +650,12 @@ def _wire(tensor: torch.Tensor) -> WireTensor:
         (nested(ENCODE, "request.prompt", torch.ones(2)), "request.prompt"),
         (nested(DECODE, "params.seed", torch.tensor(7)), "params.seed"),
         ({**DECODE, "index": torch.tensor(0)}, "index"),
+        ({**ENCODE_IMAGES, "images": [torch.ones(4, dtype=torch.uint8)]}, "images[0]"),
+        ({**ENCODE_IMAGES, "mask": torch.ones(4, dtype=torch.uint8)}, "mask"),
+        (
+            {"v": PROTOCOL_VERSION, "kind": "job_progress", "job_id": "j", "step": 1, "total": 2, "previews": [MASK]},
+            "previews[0]",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -55,6 +55,16 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
     parser.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an init image (PNG, JPEG, WebP): img2img, or inpainting with --mask; repeat for models that take several",
+    )
+    parser.add_argument("--mask", metavar="PATH", help="inpainting mask: white repaints, black keeps (any size)")
+    parser.add_argument(
+        "--strength", type=float, help="how far from the init image, in (0, 1] (default: the pipeline's)"
+    )
+    parser.add_argument(
         "--scheduler",
         metavar="NAME",
         help="sampler: ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, "
@@ -272,6 +282,9 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 seed=seed,
                 num_images=args.num_images,
                 scheduler=args.scheduler,
+                image=args.image,
+                mask=args.mask,
+                strength=args.strength,
                 preview_every=preview_every,
                 on_progress=on_progress,
             )

@@ -81,6 +81,41 @@ class GeneratedImage:
         return path
 
 
+ImageIn = bytes | str | Path | Any  # an image file's bytes, its path, or a PIL image
+
+
+def _as_list(image: ImageIn | list[ImageIn] | None) -> list[ImageIn]:
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list | tuple) else [image]
+
+
+def image_bytes(image: ImageIn, field: str) -> bytes:
+    """An image as file bytes to send: bytes as they are, a path read, a PIL image saved as PNG.
+
+    The client does not decode images (the node that encodes them does, with a pixel bound).
+    """
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | Path):
+        try:
+            return Path(image).read_bytes()
+        except OSError as exc:
+            message = f"{field}: cannot read {image}: {exc}"
+            raise GenerationError(message, code=errors.INVALID_REQUEST, field=field) from None
+    if hasattr(image, "save"):  # a PIL image; PIL itself is not imported here
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise GenerationError(
+        f"{field}: expected image bytes, a path or a PIL image (got {type(image).__name__})",
+        code=errors.INVALID_REQUEST,
+        field=field,
+    )
+
+
 class Client:
     def __init__(
         self,
@@ -119,6 +154,9 @@ class Client:
         seed: int | None = None,
         num_images: int = 1,
         scheduler: str | None = None,
+        image: ImageIn | list[ImageIn] | None = None,
+        mask: ImageIn | None = None,
+        strength: float | None = None,
         preview_every: int | None = None,
         timeout: float | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None,
@@ -131,6 +169,10 @@ class Client:
         Each option is the pipeline argument of its name: ``guidance`` is ``guidance_scale``,
         ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it); ``scheduler`` is
         a sampler name (``euler_a``, ``dpmpp_2m_karras``, ``flow_euler``...), unset: the checkpoint's.
+
+        Images in: ``image`` (PNG/JPEG/WebP bytes, a path or a PIL image, or a list of them for
+        models that take several) makes it img2img; with ``mask`` (white repaints, black keeps, as in
+        diffusers) inpainting. ``strength`` is the pipeline's (unset: its default).
 
         ``user`` names whom the request is for (a gateway serving many people): the broker's
         queues take turns between users, and between clients that name none.
@@ -155,6 +197,9 @@ class Client:
             seed=secrets.randbelow(2**32) if seed is None else seed,
             num_images=num_images,
             scheduler=scheduler,
+            images=[image_bytes(item, "image") for item in _as_list(image)],
+            mask=None if mask is None else image_bytes(mask, "mask"),
+            strength=strength,
             preview_every=preview_every,
             timeout=self.timeout if timeout is None else timeout,
             user=user,

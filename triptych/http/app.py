@@ -1,4 +1,5 @@
-"""The gateway's routes: OpenAI's models and images endpoints, each served by one blocking client call.
+"""The gateway's routes: OpenAI's models and images endpoints, each served by one blocking client call
+(AUTOMATIC1111's are in ``a1111``, the page's files in ``page``, the event streams in ``streaming``).
 
 A call runs on a worker thread (at most ``max_in_flight`` at once) with a broker connection of its
 own; when the HTTP client hangs up, the call's cancel event is set and the broker drops the work.
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 from protocol.messages import StatusReply
 from triptych.client import Client, GeneratedImage, GenerationError
+from triptych.http import a1111, page
 from triptych.http.auth import RequireApiKey
 from triptych.http.errors import HANDLERS, ApiError, error_from_failure
 from triptych.http.models import ModelCatalog
@@ -157,6 +159,10 @@ class Gateway:
             raise error
         return result
 
+    async def run_until_disconnect(self, request: Request, fn: Callable[[], Any], cancel: threading.Event) -> Any:
+        """Run a blocking call on a worker thread until it returns; the HTTP client leaving sets ``cancel``."""
+        return await self._run_until_disconnect(request, fn, cancel)
+
     async def generate_events(self, request: Request) -> Response:
         """The body of images/generations; answers every progress event, preview and image as server-sent events."""
         params = parse_generation(await read_json(request))
@@ -204,6 +210,8 @@ def create_app(
         Route("/v1/images/generations/events", gateway.generate_events, methods=["POST"]),
         Route("/v1/status", gateway.status, methods=["GET"]),
         Route("/v1/files/{file_id}.png", gateway.get_file, methods=["GET"], name="file"),
+        *a1111.routes(gateway),
+        *page.routes(),
     ]
     middleware = [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=gateway.lifespan, middleware=middleware)
