@@ -11,7 +11,7 @@ from decoder_node.png import encode_png
 from protocol.errors import RequestError
 from protocol.messages import DecodedImage, DecodeJob, EncodedImages, EncodeImagesJob, StageJob, StageResult
 from protocol.worker import ProgressFn
-from triptych.families.images import open_image
+from triptych.families.images import open_image, open_mask
 from triptych.families.loading import LoadedStage
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class DecoderHandler:
             raise RequestError("image", "this checkpoint has no denoiser config.json: images in need one")
         field = "image" if len(job.images) == 1 else "image[]"
         images = [open_image(data, field) for data in job.images]
-        mask = None if job.mask is None else open_image(job.mask, "mask", mode="L")
+        mask = None if job.mask is None else open_mask(job.mask, "mask", alpha=job.mask_alpha)
         with torch.inference_mode():
             inputs = self.stage.family.encode_images(self.stage.pipe, job.request, images, mask, self.denoiser)
         self.encoded += len(images)

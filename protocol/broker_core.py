@@ -8,22 +8,34 @@ dies the job goes back to the front of its queue for another node.
 
 Jobs are queued per (service, model), users taking turns (:class:`FairQueue`), and handed to the
 least-loaded live node of that kind (least recently used among equals). Results are accepted once
-per job, so a client receives exactly one image per index however often a job was re-dispatched.
-Nothing here reads what a job carries: that is the plan's business.
+per job, and only from a node the job was handed to, so a client receives exactly one image per
+index however often a job was re-dispatched. Nothing here reads what a job carries: that is the
+plan's business.
+
+What a request sends back goes to the connection that last sent its id (a client that reconnected
+comes back under a new identity); an ended request's replies are kept a short while for a client
+that resends it (:mod:`protocol.recent`). A busy node that stops making progress loses its jobs
+and gets no new work until it reports again (:mod:`protocol.watchdog`); a job that takes two nodes
+down fails its request. Under CURVE every message comes with its sender's key and roles
+(:mod:`protocol.peers`): node messages from a client key and requests from a node key are refused.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from protocol import errors
 from protocol.fair_queue import FairQueue
+from protocol.limits import RequestLimits
 from protocol.messages import (
-    SERVICES,
+    LOADING,
+    READY,
     CancelRequest,
     GenerateRequest,
     Heartbeat,
+    ImageResult,
     JobCancel,
     JobFailed,
     JobProgress,
@@ -40,13 +52,25 @@ from protocol.messages import (
     WorkerReady,
 )
 from protocol.metrics import BrokerMetrics, clean_stats
+from protocol.peers import Peer
 from protocol.plans import Plan, PlanContext, PlanError, plan_for
+from protocol.recent import RESULT_GRACE, RecentlyEnded
+from protocol.registration import MAX_CAPACITY, MAX_NODES, registration_error
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from protocol.validation import MAX_PREVIEW_BYTES, request_error
+from protocol.watchdog import Pace, StallPolicy
 
 logger = logging.getLogger(__name__)
 
 Outgoing = tuple[bytes, Message]
+
+# Seconds after the broker starts (or after a model's last node leaves) during which a request for a
+# model no node has announced waits instead of failing: nodes re-register within a few heartbeats.
+STARTUP_GRACE = 2 * HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+MAX_NODE_LOSSES = 2  # nodes a job may take down (they exit or hang while running it) before its request fails
+MAX_STATUS_NODES = 64  # nodes listed in one status reply
+MAX_STATUS_QUEUES = 64  # queues listed in one status reply
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 
 @dataclass
@@ -64,6 +88,12 @@ class WorkerState:
     stats: dict = field(default_factory=dict)  # the node's latest counters (cache hits...)
     job_seconds: float = 0.0  # dispatch to result, summed over the results it sent
     jobs_timed: int = 0  # the results summed there
+    state: str = READY  # LOADING until it has read its weights: it takes no jobs before
+    healthy: bool = True  # False once it stalled holding jobs: no new work until it reports progress
+    pace: Pace = field(default_factory=Pace)  # its measured step and setup times, and its last sign of progress
+
+    def takes_work(self) -> bool:
+        return self.state == READY and self.healthy and len(self.jobs) < self.capacity
 
 
 @dataclass
@@ -76,6 +106,8 @@ class Job:
     assigned_at: float = 0.0
     steps_reported: int = 0  # last step the node reported for it
     reported_at: float = 0.0  # when it reported that step
+    holders: set[bytes] = field(default_factory=set)  # every node it was handed to: only they may answer it
+    losses: int = 0  # nodes that exited or stalled while running it
 
     @property
     def job_id(self) -> str:
@@ -103,6 +135,9 @@ class RequestState:
     accepted_at: float = 0.0
     results: dict[str, list[StageResult | None]] = field(default_factory=dict)  # stage -> per job, once started
     outstanding: set[str] = field(default_factory=set)  # job ids sent or queued, not yet answered
+    key: str | None = None  # the client's CURVE key: only it may resend or cancel the request
+    line: Hashable = ()  # whom it is for: its jobs take turns, and it counts against the share, of this line
+    images: list[ImageResult] = field(default_factory=list)  # sent so far: again to a client that reconnects
 
     def context(self) -> PlanContext:
         return PlanContext(request=self.request, results=self.results)  # type: ignore[arg-type]
@@ -115,10 +150,22 @@ class BrokerCore:
     """Feed it messages with :meth:`handle` and time with :meth:`tick`; read :attr:`outbox`."""
 
     def __init__(
-        self, *, max_requests: int = 1_000, max_dispatches: int = 5, metrics: BrokerMetrics | None = None
+        self,
+        *,
+        max_requests: int = 1_000,
+        max_dispatches: int = 5,
+        metrics: BrokerMetrics | None = None,
+        limits: RequestLimits | None = None,
+        stall: StallPolicy | None = None,
+        result_grace: float = RESULT_GRACE,
+        startup_grace: float = STARTUP_GRACE,
     ) -> None:
         self.max_requests = max_requests  # requests in flight before new ones are refused as busy
         self.max_dispatches = max_dispatches  # a job whose nodes keep dying fails after this many tries
+        self.limits = limits or RequestLimits()  # the operator's bounds on requests and on one user's share
+        self.stall = stall or StallPolicy()  # when a busy node without progress loses its jobs
+        self.startup_grace = startup_grace
+        self.ended = RecentlyEnded(result_grace)  # ended requests' replies, for clients that reconnect
         self.workers: dict[bytes, WorkerState] = {}
         self.requests: dict[str, RequestState] = {}
         self.jobs: dict[str, Job] = {}
@@ -127,20 +174,31 @@ class BrokerCore:
         self.outbox: list[Outgoing] = []
         self.metrics = metrics or BrokerMetrics()  # told what happens; no-op unless metrics are on
         self._last_heartbeat = 0.0
+        self._started: float | None = None  # the first time the core was fed
+        self._now = 0.0  # the latest time the core was fed
+        self._in_flight: dict[Hashable, int] = {}  # requests in flight per line (user or connection)
+        self._unannounced: set[str] = set()  # requests for a model no node had announced when they came
+        self._models_left: dict[str, float] = {}  # model -> when its last node left
 
     # --- inbound ----------------------------------------------------------------------------
 
-    def handle(self, sender: bytes, msg: Message, now: float) -> None:
+    def handle(self, sender: bytes, msg: Message, now: float, peer: Peer | None = None) -> None:
+        """One message from ``sender``; ``peer`` is its CURVE key and roles (None without CURVE)."""
+        self._clock(now)
+        if peer is not None and not peer.may_send(msg):
+            roles = "+".join(sorted(peer.roles)) or "none"
+            logger.warning(
+                "refusing %s from %r: key %s (roles: %s) may not send it", msg.KIND, sender[:16], peer.key[:8], roles
+            )
+            return
         worker = self.workers.get(sender)
         if worker is not None:
             worker.last_seen = now
         match msg:
             case GenerateRequest():
-                self._on_generate(sender, msg, now)
+                self._on_generate(sender, msg, now, peer)
             case CancelRequest():
-                req = self.requests.get(msg.request_id)
-                if req is not None and req.client == sender:
-                    self._fail(msg.request_id, "cancelled by the client", errors.CANCELLED, outcome="cancelled")
+                self._on_cancel(sender, msg, peer)
             case StatusRequest():
                 self.outbox.append((sender, self._status(msg.request_id, now)))
             case WorkerReady():
@@ -158,55 +216,146 @@ class BrokerCore:
                 self._on_stats(worker, msg.stats)
                 self._on_result(sender, msg, now)
             case JobFailed():
-                self._on_failed(sender, msg)
+                self._on_failed(sender, msg, now)
             case _:
                 logger.warning("dropping unexpected %s message", msg.KIND)
         self._dispatch(now)
 
     def tick(self, now: float) -> None:
-        """Heartbeats out, dead nodes out (their jobs requeued), expired requests failed."""
+        """Heartbeats out, dead and stalled nodes out of work (their jobs requeued), expired requests failed."""
+        self._clock(now)
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
             self.outbox.extend((identity, Heartbeat()) for identity in self.workers)
         expiry = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
         for worker in [w for w in self.workers.values() if now - w.last_seen > expiry]:
-            self._drop_worker(worker, f"missed heartbeats for {now - worker.last_seen:.1f}s")
+            self._drop_worker(worker, f"missed heartbeats for {now - worker.last_seen:.1f}s", died=True)
+        self._check_stalls(now)
         for request_id in [r for r, req in self.requests.items() if now > req.deadline]:
             self._fail(request_id, *self._timeout_reason(request_id))
+        self._fail_unannounced(now)
+        self.ended.expire(now)
         self._dispatch(now)
         self.metrics.on_tick(self.workers.values(), self.queues, len(self.requests))
 
+    def _clock(self, now: float) -> None:
+        if self._started is None:
+            self._started = now
+        self._now = now
+
     # --- requests ---------------------------------------------------------------------------
 
-    def _on_generate(self, client: bytes, req: GenerateRequest, now: float) -> None:
-        if req.request_id in self.requests:  # a resend: one result per image, not two
+    def _on_generate(self, client: bytes, req: GenerateRequest, now: float, peer: Peer | None) -> None:
+        key = peer.key if peer is not None else None
+        if (known := self.requests.get(req.request_id)) is not None:  # a resend: one result per image, not two
+            if known.key == key:
+                self._attach(known, client)
+            return
+        if (ended := self.ended.get(req.request_id, now)) is not None and ended.key == key:
+            # It ended while its client was away: what it was sent, again, instead of a second run.
             self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
+            self.outbox.extend((client, reply) for reply in ended.replies)
             return
-        if (problem := request_error(req)) is not None:
-            self.metrics.on_request_finished(req.model, "failed")
+        if (problem := request_error(req) or self.limits.problem(req)) is not None:
             bad_field, error = problem
-            failed = RequestFailed(request_id=req.request_id, error=error, code=errors.INVALID_REQUEST, field=bad_field)
-            self.outbox.append((client, failed))
+            self._refuse(client, req, error, errors.INVALID_REQUEST, bad_field=bad_field)
             return
+        line: Hashable = ("user", req.user) if req.user else ("client", client)
         if len(self.requests) >= self.max_requests:
-            error = f"broker busy ({len(self.requests)} requests in flight), retry later"
-            self.metrics.on_request_finished(req.model, "failed")
-            failed = RequestFailed(request_id=req.request_id, error=error, code=errors.BUSY, retryable=True)
-            self.outbox.append((client, failed))
+            self._refuse(
+                client, req, f"broker busy ({len(self.requests)} requests in flight), retry later", errors.BUSY
+            )
+            return
+        if (count := self._in_flight.get(line, 0)) >= self.limits.max_user_requests:
+            whom = f"user {req.user!r}" if req.user else "this client"
+            error = (
+                f"{whom} has {count} requests in flight, the most one user may have (--max-user-requests); retry later"
+            )
+            self._refuse(client, req, error, errors.BUSY)
+            return
+        if self._past_grace(now) and not self._announced(req.model):
+            self._refuse(client, req, *self._unknown_model(req.model))
             return
         self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
         self.requests[req.request_id] = RequestState(
-            request=req, client=client, deadline=now + req.timeout, plan=plan_for(req), accepted_at=now
+            request=req,
+            client=client,
+            deadline=now + self.limits.timeout(req),
+            plan=plan_for(req),
+            accepted_at=now,
+            key=key,
+            line=line,
         )
+        self._in_flight[line] = self._in_flight.get(line, 0) + 1
+        if not self._announced(req.model):
+            self._unannounced.add(req.request_id)
         if req.model:
             self._advance(req.request_id)
         else:
             self.unrouted.append(req.request_id)
             self._route_unnamed()
 
+    def _refuse(self, client: bytes, req: GenerateRequest, error: str, code: str, bad_field: str | None = None) -> None:
+        """Answer a request that is not taken on at all: nothing of it is kept."""
+        self.metrics.on_request_finished(req.model, "failed")
+        failed = RequestFailed(
+            request_id=req.request_id, error=error, code=code, field=bad_field, retryable=code in errors.RETRYABLE
+        )
+        self.outbox.append((client, failed))
+
+    def _attach(self, req: RequestState, client: bytes) -> None:
+        """A resend, or a cancel, of a request: its replies go to the connection it came from from now on."""
+        self.outbox.append((client, RequestAccepted(request_id=req.request.request_id)))
+        if client == req.client:
+            return
+        logger.info("request %s now answered on another connection (its client reconnected)", req.request.request_id)
+        req.client = client
+        self.outbox.extend((client, image) for image in req.images)  # the old connection may never have read them
+
+    def _on_cancel(self, client: bytes, msg: CancelRequest, peer: Peer | None) -> None:
+        req = self.requests.get(msg.request_id)
+        if req is None:
+            return
+        if req.key != (peer.key if peer is not None else None):
+            logger.warning("ignoring a cancel of request %s from another key", msg.request_id)
+            return
+        req.client = client
+        self._fail(msg.request_id, "cancelled by the client", errors.CANCELLED, outcome="cancelled")
+
+    def _models(self) -> list[str]:
+        """The models of the registered nodes, ready or loading."""
+        return sorted({w.model for w in self.workers.values()})
+
+    def _past_grace(self, now: float) -> bool:
+        return self._started is not None and now - self._started >= self.startup_grace
+
+    def _announced(self, model: str) -> bool:
+        """Whether a node serves ``model`` (ready or loading), or its last one left only just now; "" any model."""
+        if any(not model or w.model == model for w in self.workers.values()):
+            return True
+        left = self._models_left.get(model)
+        return left is not None and self._now - left < self.startup_grace
+
+    def _fail_unannounced(self, now: float) -> None:
+        """Requests taken while nodes might still come back: once they had time to, fail those whose model none named."""
+        if not self._unannounced or not self._past_grace(now):
+            return
+        for request_id in list(self._unannounced):
+            req = self.requests.get(request_id)
+            if req is None or self._announced(req.request.model):
+                self._unannounced.discard(request_id)
+            else:
+                self._fail(request_id, *self._unknown_model(req.request.model))
+
+    def _unknown_model(self, model: str) -> tuple[str, str]:
+        """Why a request for ``model`` cannot be served, and the code: the served models listed."""
+        if not model:
+            return "no node serves any model yet", errors.NO_NODE
+        return f"no node serves model {model} (served: {', '.join(self._models()) or 'none'})", errors.UNKNOWN_MODEL
+
     def _route_unnamed(self) -> None:
         """Give requests without a model the broker's only model, once a node has named it."""
-        models = sorted({w.model for w in self.workers.values()})
+        models = self._models()
         if not self.unrouted or not models:
             return
         waiting, self.unrouted = self.unrouted, []
@@ -254,29 +403,41 @@ class BrokerCore:
             job = self.jobs.pop(job_id, None)
             if job is None:
                 continue
-            queue = self.queues[(job.service, job.model)]
-            if job.worker is not None:
-                self.outbox.append((job.worker, JobCancel(job_id=job_id)))
-            elif job_id in queue:
-                queue.remove(job_id)
+            if job.worker is None:
+                self._unqueue(job)
+            # Every node it was handed to may still be running it (one presumed dead, one that stalled).
+            for holder in sorted(job.holders):
+                if holder in self.workers:
+                    self.outbox.append((holder, JobCancel(job_id=job_id)))
         logger.info("request %s failed (%s): %s", request_id, code, error)
         failed = RequestFailed(
             request_id=request_id, error=error, code=code, field=bad_field, retryable=code in errors.RETRYABLE
         )
         self.outbox.append((req.client, failed))
+        self._release(request_id, req, [*req.images, failed])
+
+    def _release(self, request_id: str, req: RequestState, replies: list[Message]) -> None:
+        """A request ended: its user's share freed, what it sent kept a while for a client that reconnects."""
+        count = self._in_flight.get(req.line, 0) - 1
+        if count > 0:
+            self._in_flight[req.line] = count
+        else:
+            self._in_flight.pop(req.line, None)
+        self._unannounced.discard(request_id)
+        self.ended.add(request_id, req.key, replies, self._now)
 
     def _timeout_reason(self, request_id: str) -> tuple[str, str]:
         req = self.requests[request_id]
         model = req.request.model
+        if not self._announced(model):
+            return self._unknown_model(model)
         if not model:
             return "no node serves any model yet", errors.NO_NODE
-        if not any(w.model == model for w in self.workers.values()):
-            return f"no node serves model {model}", errors.UNKNOWN_MODEL
         for job_id in req.outstanding:
             job = self.jobs.get(job_id)
             if job is not None and job.worker is None and not self._workers_for(job.service, model):
                 return f"no {job.service} node serves model {model}", errors.NO_NODE
-        return f"timed out after {req.request.timeout:g}s", errors.TIMEOUT
+        return f"timed out after {req.deadline - req.accepted_at:g}s", errors.TIMEOUT
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -287,21 +448,38 @@ class BrokerCore:
         req.outstanding.add(job.job_id)
         # Turns go to whom the work is for: the user a request names (however many connections a
         # gateway spreads it over), else the client's connection.
-        line = ("user", req.request.user) if req.request.user else ("client", req.client)
-        self.queues.setdefault((job.service, model), FairQueue()).append(job.job_id, line)
+        self.queues.setdefault((job.service, model), FairQueue()).append(job.job_id, req.line)
+
+    def _unqueue(self, job: Job) -> None:
+        """Take a waiting job off its queue, and the queue away once empty: names come from peers."""
+        key = (job.service, job.model)
+        queue = self.queues.get(key)
+        if queue is None or job.job_id not in queue:
+            return
+        queue.remove(job.job_id)
+        if not queue:
+            del self.queues[key]
+
+    def _requeue(self, job: Job) -> None:
+        """A job that lost its node goes back to the front of its queue."""
+        self.queues.setdefault((job.service, job.model), FairQueue()).appendleft(job.job_id)
 
     def _workers_for(self, service: str, model: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.service == service and w.model == model]
 
     def _dispatch(self, now: float) -> None:
+        emptied = []
         for (service, model), queue in self.queues.items():
             while queue:
-                free = [w for w in self._workers_for(service, model) if len(w.jobs) < w.capacity]
+                free = [w for w in self._workers_for(service, model) if w.takes_work()]
                 if not free:
                     break
                 worker = min(free, key=lambda w: (len(w.jobs), w.last_assigned))
                 job = self.jobs[queue.popleft()]
+                if not worker.jobs:
+                    worker.pace.took_up(now)
                 job.worker = worker.identity
+                job.holders.add(worker.identity)
                 job.dispatches += 1
                 job.assigned_at = job.reported_at = now
                 job.steps_reported = 0
@@ -311,18 +489,31 @@ class BrokerCore:
                 req = self.requests[job.request_id]
                 event = ProgressEvent(request_id=job.request_id, stage=job.stage, service=service, node=worker.node)
                 self.outbox.append((req.client, event))
+            if not queue:
+                emptied.append((service, model))
+        for key in emptied:
+            del self.queues[key]
 
-    def _finish_job(self, sender: bytes, job_id: str) -> Job | None:
-        """Release the sender's slot and claim the job's result; None if already claimed."""
+    def _finish_job(self, sender: bytes, job_id: str, now: float) -> Job | None:
+        """Release the sender's slot and claim the job's result; None if already claimed, or if the
+        sender was never handed the job (a late answer from a node that held it before is taken)."""
         worker = self.workers.get(sender)
-        if worker is not None:
+        job = self.jobs.get(job_id)
+        if worker is not None and job_id in worker.jobs:
             worker.jobs.discard(job_id)
-        job = self.jobs.pop(job_id, None)
+            if job is not None and job.worker == sender and job.steps_reported == 0:
+                worker.pace.first_sign(job.stage, job.assigned_at, now)
+            worker.pace.finished(now)
         if job is None:
             return None
-        queue = self.queues[(job.service, job.model)]
-        if job.worker is None and job_id in queue:  # a late result from a node presumed dead: take it
-            queue.remove(job_id)
+        if sender not in job.holders:
+            logger.warning(
+                "ignoring an answer to %s job %s from %r: it was never handed that job", job.stage, job_id, sender[:16]
+            )
+            return None
+        del self.jobs[job_id]
+        if job.worker is None:  # a late result from a node presumed dead: take it
+            self._unqueue(job)
         elif job.worker != sender and job.worker in self.workers:
             self.workers[job.worker].jobs.discard(job_id)
             self.outbox.append((job.worker, JobCancel(job_id=job_id)))
@@ -333,12 +524,19 @@ class BrokerCore:
         return job
 
     def _on_progress(self, sender: bytes, msg: JobProgress, now: float) -> None:
+        worker = self.workers.get(sender)
+        if worker is not None:
+            worker.healthy = True  # it reports progress again
         job = self.jobs.get(msg.job_id)
-        if job is None or job.worker != sender or job.request_id not in self.requests:
+        if job is None or job.worker != sender or job.request_id not in self.requests or worker is None:
             return
         if msg.step > job.steps_reported:
             if job.steps_reported > 0:  # the first step's time also holds the job's setup: not a step time
                 self.metrics.on_steps(job.stage, job.model, msg.step - job.steps_reported, now - job.reported_at)
+                worker.pace.stepped(job.stage, msg.step - job.steps_reported, now - job.reported_at, now)
+            else:
+                worker.pace.first_sign(job.stage, job.assigned_at, now)
+                worker.pace.stepped(job.stage, 0, 0.0, now)
             job.steps_reported, job.reported_at = msg.step, now
         req = self.requests[job.request_id]
         node = self.workers[sender].node if sender in self.workers else "?"
@@ -357,24 +555,30 @@ class BrokerCore:
         )
         self.outbox.append((req.client, event))
 
-    def malformed_result(self, sender: bytes, job_id: str, error: str, now: float) -> None:
+    def malformed_result(self, sender: bytes, job_id: str, error: str, now: float, peer: Peer | None = None) -> None:
         """The node holding ``job_id`` answered with a result that failed its checks: fail its request."""
+        self._clock(now)
         job = self.jobs.get(job_id)
         if job is None or job.worker != sender:
             return
         if (worker := self.workers.get(sender)) is not None:
             worker.last_seen = now
-        self._on_failed(sender, JobFailed(job_id=job_id, error=f"answered with a malformed result: {error}"))
+        failed = JobFailed(job_id=job_id, error=f"answered with a malformed result: {error}")
+        if peer is None or peer.may_send(failed):
+            self._on_failed(sender, failed, now)
 
-    def _on_failed(self, sender: bytes, msg: JobFailed) -> None:
+    def _on_failed(self, sender: bytes, msg: JobFailed, now: float) -> None:
         held = self.jobs.get(msg.job_id)
+        if (worker := self.workers.get(sender)) is not None:
+            worker.healthy = True  # it reports again
         if held is not None and held.worker != sender:
-            # A node presumed dead failing a job that was handed on: the job runs elsewhere.
+            # A node presumed dead (or stalled) failing a job that was handed on: the job runs elsewhere.
             logger.info("ignoring a failure of %s job %s from a node that no longer holds it", held.stage, msg.job_id)
-            if (worker := self.workers.get(sender)) is not None:
+            if worker is not None and msg.job_id in worker.jobs:
                 worker.jobs.discard(msg.job_id)
+                worker.pace.finished(now)
             return
-        job = self._finish_job(sender, msg.job_id)
+        job = self._finish_job(sender, msg.job_id, now)
         if job is None:
             return
         worker = self.workers.get(sender)
@@ -386,7 +590,9 @@ class BrokerCore:
             self._fail(job.request_id, f"{job.stage} on {node} failed: {msg.error}", code, bad_field=msg.field)
 
     def _on_result(self, sender: bytes, msg: StageResult, now: float) -> None:
-        job = self._finish_job(sender, msg.job_id)
+        if (worker := self.workers.get(sender)) is not None:
+            worker.healthy = True  # it reports again
+        job = self._finish_job(sender, msg.job_id, now)
         if job is None or (req := self.requests.get(job.request_id)) is None:
             return
         self.metrics.on_job_finished(job.stage, job.model, now - job.assigned_at)
@@ -404,50 +610,123 @@ class BrokerCore:
             except (PlanError, KeyError, TypeError, ValueError) as exc:
                 self._fail(job.request_id, f"{job.stage} returned a malformed result: {exc}", errors.MODEL_ERROR)
                 return
+            req.images.append(image)
             self.outbox.append((req.client, image))
         self._advance(job.request_id)
         if job.request_id in self.requests and req.finished():
             del self.requests[job.request_id]
             self.metrics.on_request_finished(req.request.model, "completed", now - req.accepted_at)
+            self._release(job.request_id, req, list(req.images))
 
     # --- workers ----------------------------------------------------------------------------
 
     def _on_ready(self, sender: bytes, msg: WorkerReady, now: float) -> None:
-        if msg.service not in SERVICES or not msg.model or msg.capacity < 1:
-            logger.warning("ignoring a malformed registration from %s", msg.node)
+        if (problem := registration_error(msg)) is not None:
+            logger.warning("ignoring a registration from %r (%s): %s", sender[:16], msg.node[:64], problem)
             return
         known = self.workers.get(sender)
         if known is not None and (known.service, known.model) != (msg.service, msg.model):
             self._drop_worker(known, "re-registered as another service")
             known = None
         if known is None:
-            logger.info("%s %s registered for model %s", msg.service, msg.node, msg.model)
-            self.workers[sender] = WorkerState(
+            if len(self.workers) >= MAX_NODES:
+                logger.warning("ignoring a registration from %s: %d nodes are registered already", msg.node, MAX_NODES)
+                return
+            logger.info("%s %s registered for model %s (%s)", msg.service, msg.node, msg.model, msg.state)
+            known = self.workers[sender] = WorkerState(
                 identity=sender,
                 service=msg.service,
                 model=msg.model,
                 node=msg.node,
-                capacity=min(msg.capacity, 64),
+                capacity=min(msg.capacity, MAX_CAPACITY),
                 info=msg.info,
                 last_seen=now,
+                state=msg.state,
             )
+        elif known.state != msg.state:
+            logger.info("%s %s is %s for model %s", msg.service, msg.node, msg.state, msg.model)
+        known.state, known.node, known.info = msg.state, msg.node, msg.info
+        known.capacity = min(msg.capacity, MAX_CAPACITY)
+        self._models_left.pop(msg.model, None)
         self._route_unnamed()
 
-    def _drop_worker(self, worker: WorkerState, reason: str) -> None:
-        level = logging.INFO if reason == "said goodbye" else logging.WARNING
+    def _drop_worker(self, worker: WorkerState, reason: str, *, died: bool = False) -> None:
+        """Forget a node; its jobs go back to their queues. ``died``: it left without a goodbye."""
+        level = logging.WARNING if died else logging.INFO
         logger.log(level, "%s %s (%s) removed: %s", worker.service, worker.node, worker.model, reason)
         del self.workers[worker.identity]
-        for job_id in worker.jobs:
+        if not any(w.model == worker.model for w in self.workers.values()):
+            self._models_left[worker.model] = self._now
+            if len(self._models_left) > MAX_NODES:  # names come from peers: keep the recent ones only
+                self._models_left = {m: t for m, t in self._models_left.items() if self._now - t < self.startup_grace}
+        blamed = self._running(worker) if died else set()
+        for job_id in sorted(worker.jobs):
             job = self.jobs.get(job_id)
-            if job is None or job.worker != worker.identity:
+            if job is not None and job.worker == worker.identity:
+                self._lost(job, "exit" if job_id in blamed else None)
+
+    def _running(self, worker: WorkerState) -> set[str]:
+        """The jobs a node was most likely running (those that reported steps, else its oldest): the ones to
+        blame when it exits or hangs, not those waiting behind them."""
+        held = [
+            job
+            for job_id in worker.jobs
+            if (job := self.jobs.get(job_id)) is not None and job.worker == worker.identity
+        ]
+        stepped = {job.job_id for job in held if job.steps_reported > 0}
+        if stepped or not held:
+            return stepped
+        first = min(job.assigned_at for job in held)
+        return {job.job_id for job in held if job.assigned_at == first}
+
+    def _lost(self, job: Job, how: str | None) -> None:
+        """A job's node exited (``how`` "exit"), stalled ("hang") or left: run it elsewhere, unless it keeps
+        taking nodes down."""
+        job.worker = None
+        if how is not None:
+            job.losses += 1
+        if job.dispatches >= self.max_dispatches:
+            error = f"{job.stage} job lost {job.dispatches} times: nodes keep dying"
+            self._fail(job.request_id, error, errors.MODEL_ERROR)
+            return
+        if job.losses >= MAX_NODE_LOSSES:
+            count = _COUNT_WORDS.get(job.losses, str(job.losses))
+            what = "exit" if how == "exit" else "stop making progress"
+            self._fail(job.request_id, f"this request made {count} {job.service} nodes {what}", errors.MODEL_ERROR)
+            return
+        self._requeue(job)
+        logger.info("re-dispatching %s job of request %s", job.stage, job.request_id)
+
+    def _check_stalls(self, now: float) -> None:
+        """A busy node silent past what its own pace allows has hung: its jobs go to other nodes."""
+        for worker in list(self.workers.values()):
+            if not worker.jobs or not worker.healthy:
                 continue
-            job.worker = None
-            if job.dispatches >= self.max_dispatches:
-                error = f"{job.stage} job lost {job.dispatches} times: nodes keep dying"
-                self._fail(job.request_id, error, errors.MODEL_ERROR)
-                continue
-            self.queues[(job.service, job.model)].appendleft(job_id)
-            logger.info("re-dispatching %s job of request %s", job.stage, job.request_id)
+            held = [self.jobs[job_id] for job_id in worker.jobs if job_id in self.jobs]
+            stage = min(held, key=lambda job: job.assigned_at).stage if held else None
+            quiet = now - worker.pace.last_sign
+            limit = self.stall.limit(worker.pace, stage)
+            if quiet > limit:
+                self._stall(worker, quiet, limit)
+
+    def _stall(self, worker: WorkerState, quiet: float, limit: float) -> None:
+        logger.warning(
+            "%s %s (%s) made no progress for %.1fs (allowed %.1fs): its jobs go to other nodes, and it gets no "
+            "new work until it reports progress",
+            worker.service,
+            worker.node,
+            worker.model,
+            quiet,
+            limit,
+        )
+        worker.healthy = False
+        blamed = self._running(worker)
+        held, worker.jobs = sorted(worker.jobs), set()
+        for job_id in held:
+            self.outbox.append((worker.identity, JobCancel(job_id=job_id)))  # should it come back to life
+            job = self.jobs.get(job_id)
+            if job is not None and job.worker == worker.identity:
+                self._lost(job, "hang" if job_id in blamed else None)
 
     def _on_stats(self, worker: WorkerState | None, stats: dict) -> None:
         """A node's cumulative counters, sent with heartbeats and results: kept for status and metrics."""
@@ -457,12 +736,13 @@ class BrokerCore:
         self.metrics.on_node_stats(worker.service, worker.model, worker.node, worker.stats)
 
     def _status(self, request_id: str, now: float) -> StatusReply:
+        listed = list(self.workers.values())[:MAX_STATUS_NODES]
         nodes = [
             {
                 "service": w.service,
                 "model": w.model,
                 "node": w.node,
-                "state": "busy" if w.jobs else "idle",
+                "state": _state_of(w),
                 "jobs_in_progress": len(w.jobs),
                 "jobs_done": w.jobs_done,
                 "mean_job_s": round(w.job_seconds / w.jobs_timed, 3) if w.jobs_timed else None,
@@ -470,7 +750,25 @@ class BrokerCore:
                 "info": w.info,
                 "stats": w.stats,
             }
-            for w in self.workers.values()
+            for w in listed
         ]
-        queues = {f"{service}/{model}": len(q) for (service, model), q in self.queues.items()}
-        return StatusReply(request_id=request_id, nodes=nodes, queues=queues, requests_in_flight=len(self.requests))
+        # The queues of served models (empty ones too), then any others holding jobs, within bounds.
+        served = {(w.service, w.model): 0 for w in self.workers.values()}
+        depths = served | {key: len(queue) for key, queue in self.queues.items()}
+        queues = {f"{service}/{model}": depth for (service, model), depth in list(depths.items())[:MAX_STATUS_QUEUES]}
+        return StatusReply(
+            request_id=request_id,
+            nodes=nodes,
+            queues=queues,
+            requests_in_flight=len(self.requests),
+            nodes_left_out=len(self.workers) - len(listed),
+        )
+
+
+def _state_of(worker: WorkerState) -> str:
+    """What status shows: loading, stalled (no new work until it reports progress), busy or idle."""
+    if worker.state == LOADING:
+        return LOADING
+    if not worker.healthy:
+        return "stalled"
+    return "busy" if worker.jobs else "idle"

@@ -116,8 +116,9 @@ def _check_spec(spec: Any) -> tuple[str, tuple[int, ...], bytes | int]:
         raise CodecError(f"dtype {name!r} is not allowed on the wire")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise CodecError(f"tensor shape must be a list of at most {MAX_DIMS} sizes")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise CodecError(f"tensor shape {shape!r} must hold non-negative integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_TENSOR_BYTES for n in shape):
+        # Bounded one by one too: a zero-sized tensor's other sizes could overflow torch's int64 strides.
+        raise CodecError(f"tensor shape {shape!r} must hold integers from 0 to {MAX_TENSOR_BYTES}")
     if not isinstance(ref, bytes | int) or isinstance(ref, bool):
         raise CodecError("tensor data must be bytes or a frame index")
     return name, tuple(shape), ref
@@ -159,7 +160,7 @@ def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
         if tensors > MAX_TENSORS:
             raise CodecError(f"more than {MAX_TENSORS} tensors in one message")
         try:
-            check_budget(data, max_objects=3 + MAX_DIMS, max_depth=2)
+            check_budget(data, max_objects=64, max_depth=3)  # room for the shape check to name what is wrong
             spec = msgpack.unpackb(data, raw=False, **_UNPACK_LIMITS)
         except Exception as exc:
             raise CodecError(f"malformed tensor spec: {exc}") from exc
@@ -180,11 +181,13 @@ def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
             )
         return WireTensor(dtype, shape, buffer.cast("B") if buffer.nbytes else memoryview(b""))
 
-    header = _buffer(frames[0])
     try:
+        header = _buffer(frames[0])
         check_budget(header)
     except BudgetError as exc:
         raise CodecError(f"message refused before decoding: {exc}") from None
+    except TypeError as exc:
+        raise CodecError(f"a frame must be bytes: {exc}") from None
     try:
         obj = msgpack.unpackb(header, ext_hook=ext_hook, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except CodecError:

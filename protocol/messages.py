@@ -148,6 +148,7 @@ class GenerateRequest(Message):
     preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
     images: list[bytes] = field(default_factory=list)  # init images (PNG, JPEG, WebP files): img2img, inpaint
     mask: bytes | None = None  # inpainting mask (an image file): white repaints, black keeps
+    mask_alpha: bool = False  # the mask marks what to repaint by full transparency instead (OpenAI's convention)
     strength: float | None = None  # how far from the init image (0, 1]; None: the pipeline's default
     timeout: float = 300.0  # seconds the request may wait and run before it fails
     user: str = ""  # whom it is for: queued work takes turns per user ("" = per client connection)
@@ -227,6 +228,7 @@ class StatusReply(Message):
     nodes: list = field(default_factory=list)  # [{service, model, node, state, jobs_done, ...}]
     queues: dict = field(default_factory=dict)  # "service/model" -> queued jobs
     requests_in_flight: int = 0
+    nodes_left_out: int = 0  # registered nodes not listed: a reply lists a bounded number
 
 
 # --- node -> broker -----------------------------------------------------------------------
@@ -234,7 +236,8 @@ class StatusReply(Message):
 
 @dataclass(kw_only=True)
 class WorkerReady(Message):
-    """A node announces itself; sent again after the broker asks it to reconnect."""
+    """A node announces itself: first as loading, before it reads its weights (requests for its model
+    then wait for it instead of failing), then as ready; sent again after the broker asks it to reconnect."""
 
     KIND: ClassVar[str] = "ready"
     service: str
@@ -242,6 +245,10 @@ class WorkerReady(Message):
     node: str  # host:pid, for people and logs
     capacity: int = 1  # jobs the node accepts at once
     info: dict = field(default_factory=dict)
+    state: str = "ready"  # LOADING: it takes no jobs yet; READY
+
+
+LOADING, READY = "loading", "ready"  # the states a node announces (WorkerReady.state)
 
 
 @dataclass(kw_only=True)
@@ -370,6 +377,7 @@ class EncodeImagesJob(StageJob):
     request: RequestSpec
     images: list[bytes]  # the image files as the client sent them: decoded only here, with a pixel bound
     mask: bytes | None = None
+    mask_alpha: bool = False  # repaint where the mask is fully transparent (else where it is white)
 
 
 # --- broker -> node -----------------------------------------------------------------------

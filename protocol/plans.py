@@ -150,7 +150,10 @@ TEXT_TO_IMAGE = Plan(
 
 def _encode_images_jobs(ctx: PlanContext) -> list[StageJob]:
     request = ctx.request
-    return [ctx.job(EncodeImagesJob, request=request.spec(), images=request.images, mask=request.mask)]
+    job = ctx.job(
+        EncodeImagesJob, request=request.spec(), images=request.images, mask=request.mask, mask_alpha=request.mask_alpha
+    )
+    return [job]
 
 
 def _denoise_with_images_jobs(ctx: PlanContext) -> list[StageJob]:

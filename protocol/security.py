@@ -16,13 +16,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from protocol.peers import CLIENT, NODE, user_id
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +125,18 @@ def secure_client(sock: zmq.Socket, curve: Curve | None) -> None:
     sock.curve_serverkey = server_public
 
 
-class RoleAuthenticator(ThreadAuthenticator):
-    """A ZAP handler that admits the keys it is given and names each one's roles in its User-Id."""
+def role_authenticator(ctx: zmq.Context, roles: dict[bytes, frozenset[str]]) -> ThreadAuthenticator:
+    """A ZAP handler that admits the keys in ``roles`` (z85) and names each one's roles in its User-Id."""
+    from zmq.auth.thread import ThreadAuthenticator  # asyncio comes with it: only the broker pays for it
 
-    def __init__(self, ctx: zmq.Context, roles: dict[bytes, frozenset[str]]) -> None:
-        super().__init__(ctx)
-        self.roles = roles  # z85 public key -> its roles
-        self.certs = {"*": dict.fromkeys(roles, True)}  # what ThreadAuthenticator admits
+    class RoleAuthenticator(ThreadAuthenticator):
+        def curve_user_id(self, client_public_key: bytes) -> str:
+            key = z85.encode(client_public_key)
+            return user_id(roles.get(key, frozenset()), key.decode("ascii"))
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        key = z85.encode(client_public_key)
-        return user_id(self.roles.get(key, frozenset()), key.decode("ascii"))
+    authenticator = RoleAuthenticator(ctx)
+    authenticator.certs = {"*": dict.fromkeys(roles, True)}  # what ThreadAuthenticator admits
+    return authenticator
 
 
 def key_roles(curve: Curve) -> dict[bytes, frozenset[str]]:
@@ -161,7 +165,7 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> Th
         return None
     roles = key_roles(curve)
     public, secret = load_key(curve.secret_file, need_secret=True)
-    authenticator = RoleAuthenticator(ctx, roles)
+    authenticator = role_authenticator(ctx, roles)
     authenticator.start()
     sock.curve_publickey = public
     sock.curve_secretkey = secret

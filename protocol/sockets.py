@@ -24,6 +24,9 @@ def router(ctx: zmq.Context) -> zmq.Socket:
     """The broker's one socket (bind it after any CURVE options): clients and nodes all connect to it."""
     sock = _common(ctx.socket(zmq.ROUTER))
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same identity takes over
+    # A send to a peer that is gone, or whose queue is full (it is not reading), raises instead of
+    # dropping the message unseen: the broker logs it.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     return sock
 
 

@@ -5,6 +5,11 @@ Helpers that test modules share are in tests/support.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support import ProcessCluster, free_port, serving
+from tests.support import ROOT, ProcessCluster, free_port, serving
 from triptych.testing import build_tiny_checkpoint
 
 # Test model name -> (tiny family, text encoder scale). The name is the checkpoint's folder name.
@@ -69,3 +74,38 @@ def family_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gateway(cluster, tmp_path_factory) -> Iterator[str]:
+    """``triptych http`` in front of the session cluster, shared by the HTTP tests; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gateway") / "http.log"
+    command = [sys.executable, "-m", "triptych", "http", "--broker", cluster.address, "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--timeout", "60"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -9,7 +9,6 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -387,41 +386,6 @@ def test_an_api_key_file_without_keys_is_refused(tmp_path):
 
 
 # --- through a gateway process --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster, tmp_path_factory) -> Iterator[str]:
-    """``triptych http`` in front of the session cluster; yields its base URL."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("gateway") / "http.log"
-    command = [sys.executable, "-m", "triptych", "http", "--broker", cluster.address, "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*command, "--timeout", "60"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                urllib.request.urlopen(f"{base}/v1/models", timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

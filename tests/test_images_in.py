@@ -235,3 +235,44 @@ def test_bad_images_in_are_named_and_harm_nothing(cluster, options, field, messa
         assert message in str(info.value)
         (image,) = client.generate(PROMPT, model="sd-tiny", steps=2, seed=1)  # the cluster still serves
     assert image.png.startswith(b"\x89PNG")
+
+
+@pytest.mark.e2e
+def test_openai_sdk_edit_with_a_mask_equals_diffusers_inpainting(gateway, checkpoints):
+    """OpenAI's mask: fully transparent pixels mark what to edit; diffusers' white-repaints mask is its inverse."""
+    import base64
+
+    import openai
+
+    from tests.support import max_pixel_difference
+
+    image, mask = init_image(), mask_image()
+    openai_mask = Image.new("RGBA", mask.size, (0, 0, 0, 255))
+    openai_mask.putalpha(mask.point(lambda value: 0 if value > 127 else 255))  # transparent where to repaint
+    sdk = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+    result = sdk.images.edit(
+        model="sd-tiny",
+        image=("in.png", png_bytes(image), "image/png"),
+        mask=("mask.png", png_bytes(openai_mask), "image/png"),
+        prompt=PROMPT,
+        n=2,
+        size="96x64",
+        response_format="b64_json",
+        extra_body={"seed": 31, "num_inference_steps": 4, "guidance_scale": 5.0},
+    )
+    assert len(result.data) == 2
+    for index, item in enumerate(result.data):
+        kwargs = {"prompt": PROMPT, "image": image, "mask_image": mask, "num_inference_steps": 4}
+        kwargs |= {"guidance_scale": 5.0, "height": 64, "width": 96}
+        expected = _reference("StableDiffusionInpaintPipeline", checkpoints["sd-tiny"], 31 + index, **kwargs)
+        assert max_pixel_difference(base64.b64decode(item.b64_json), expected) <= 1, f"image {index}"
+
+
+@pytest.mark.e2e
+def test_an_edit_with_a_bad_image_is_a_400_naming_it(gateway):
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.images.edit(model="sd-tiny", image=("x.png", b"not a png", "image/png"), prompt=PROMPT)
+    assert info.value.body["param"] == "image"

@@ -21,6 +21,7 @@ from protocol.messages import (
     DenoisedLatents,
     DenoiseJob,
     Embeddings,
+    EncodeImagesJob,
     EncodeJob,
     Heartbeat,
     JobCancel,
@@ -65,7 +66,7 @@ class FakeBroker:
             return None
         identity, *frames = self.socket.recv_multipart()
         msg = messages.from_frames(frames)  # what a node sends is always well-formed
-        if isinstance(msg, WorkerReady):
+        if isinstance(msg, WorkerReady) and msg.state != messages.LOADING:  # a loading node takes no jobs yet
             self.nodes[msg.service] = identity
         if isinstance(msg, StageResult | JobFailed) and msg.job_id not in self.issued:
             self.strays.append(msg)
@@ -162,6 +163,8 @@ def test_hostile_jobs_fail_alone_and_nodes_serve_on(fake):
         ("denoiser", "denoise_job", {"request": plain}, "embeds"),
         ("denoiser", "denoise_job", {"request": plain, "embeds": {"prompt_embeds": "text"}}, "prompt_embeds"),
         ("denoiser", "denoise_job", {"request": plain, "embeds": [torch.zeros(1, 77, 32)]}, "embeds"),
+        ("decoder", "encode_images_job", {"request": plain, "images": "not a list"}, "images"),
+        ("decoder", "encode_images_job", {"request": plain, "images": [torch.ones(8, dtype=torch.uint8)]}, "images"),
         ("decoder", "decode_job", {"index": 0, "latents": b"\x00" * 1024}, "latents"),
         (
             "decoder",
@@ -208,6 +211,14 @@ def test_hostile_jobs_fail_alone_and_nodes_serve_on(fake):
         "true_cfg",
         field="true_cfg",
     )
+    _assert_failed(
+        fake.run("denoiser", _denoise(_spec(scheduler="no-such-sampler"), embeds)),
+        errors.INVALID_REQUEST,
+        "no-such-sampler",
+        field="scheduler",
+    )
+    not_an_image = EncodeImagesJob(job_id=_job_id(), request_id="r", request=_spec(), images=[b"not an image"])
+    _assert_failed(fake.run("decoder", not_an_image), errors.INVALID_REQUEST, field="image")
 
     # Well-formed jobs the model itself raises on: embeddings of the wrong width.
     for service, job in [

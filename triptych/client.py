@@ -156,6 +156,7 @@ class Client:
         scheduler: str | None = None,
         image: ImageIn | list[ImageIn] | None = None,
         mask: ImageIn | None = None,
+        mask_alpha: bool = False,
         strength: float | None = None,
         preview_every: int | None = None,
         timeout: float | None = None,
@@ -172,7 +173,8 @@ class Client:
 
         Images in: ``image`` (PNG/JPEG/WebP bytes, a path or a PIL image, or a list of them for
         models that take several) makes it img2img; with ``mask`` (white repaints, black keeps, as in
-        diffusers) inpainting. ``strength`` is the pipeline's (unset: its default).
+        diffusers) inpainting; ``mask_alpha`` reads the mask as OpenAI does instead (its fully
+        transparent pixels mark what to repaint). ``strength`` is the pipeline's (unset: its default).
 
         ``user`` names whom the request is for (a gateway serving many people): the broker's
         queues take turns between users, and between clients that name none.
@@ -199,6 +201,7 @@ class Client:
             scheduler=scheduler,
             images=[image_bytes(item, "image") for item in _as_list(image)],
             mask=None if mask is None else image_bytes(mask, "mask"),
+            mask_alpha=mask_alpha,
             strength=strength,
             preview_every=preview_every,
             timeout=self.timeout if timeout is None else timeout,

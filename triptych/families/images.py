@@ -18,6 +18,18 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # an image in may be at most this many pixels
 FORMATS = ("PNG", "JPEG", "WEBP")
 
 
+def open_mask(data: bytes, field: str, alpha: bool) -> Image.Image:
+    """A mask in diffusers' convention (white repaints, black keeps), an "L" image.
+
+    With ``alpha`` the file follows OpenAI's convention instead: its fully transparent pixels mark
+    what to repaint. This is the one place that convention is turned into diffusers'.
+    """
+    if not alpha:
+        return open_image(data, field, mode="L")
+    rgba = open_image(data, field, mode="RGBA")
+    return rgba.getchannel("A").point(lambda value: 255 if value == 0 else 0)
+
+
 def open_image(data: bytes, field: str, mode: str = "RGB") -> Image.Image:
     """The decoded image, converted to ``mode``; a RequestError naming ``field`` for anything else."""
     try:

@@ -315,8 +315,8 @@ def parse_txt2img(body: dict, model: str, samplers: list[str]) -> tuple[Generati
             raise invalid(name, f"{name}: {feature} is not supported by this server")
     if (_number(body, "subseed_strength", float) or 0) > 0:
         raise invalid("subseed_strength", "subseed_strength: variation seeds are not supported by this server")
-    batch_size = _number(body, "batch_size", int) or 1
-    n_iter = _number(body, "n_iter", int) or 1
+    batch_size, n_iter = (_number(body, name, int) for name in ("batch_size", "n_iter"))
+    batch_size, n_iter = 1 if batch_size is None else batch_size, 1 if n_iter is None else n_iter
     if batch_size < 1 or n_iter < 1 or batch_size * n_iter > MAX_IMAGES:
         raise invalid("batch_size", f"batch_size x n_iter must be between 1 and {MAX_IMAGES} images")
     count = batch_size * n_iter

@@ -27,6 +27,7 @@ from protocol.messages import StatusReply
 from triptych.client import Client, GeneratedImage, GenerationError
 from triptych.http import a1111, page
 from triptych.http.auth import RequireApiKey
+from triptych.http.edits import parse_edit
 from triptych.http.errors import HANDLERS, ApiError, error_from_failure
 from triptych.http.models import ModelCatalog
 from triptych.http.params import GenerationParams, parse_generation, read_json
@@ -106,13 +107,23 @@ class Gateway:
                 seed=params.seed,
                 num_images=params.n,
                 scheduler=params.scheduler,
+                image=params.images or None,
+                mask=params.mask,
+                mask_alpha=params.mask_alpha,
+                strength=params.strength,
                 cancel=cancel,
                 user=user,
                 **options,
             )
 
     async def generate(self, request: Request) -> Response:
-        params = parse_generation(await read_json(request))
+        return await self.respond(request, parse_generation(await read_json(request)))
+
+    async def edit(self, request: Request) -> Response:
+        """OpenAI's images/edits: an image (and a mask) in; otherwise as generations."""
+        return await self.respond(request, await parse_edit(request))
+
+    async def respond(self, request: Request, params: GenerationParams) -> Response:
         params.model = await self.models.resolve(params.model)
         user = self.user_of(request, params.user)
         if params.stream:
@@ -207,6 +218,7 @@ def create_app(
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
         Route("/v1/images/generations", gateway.generate, methods=["POST"]),
+        Route("/v1/images/edits", gateway.edit, methods=["POST"]),
         Route("/v1/images/generations/events", gateway.generate_events, methods=["POST"]),
         Route("/v1/status", gateway.status, methods=["GET"]),
         Route("/v1/files/{file_id}.png", gateway.get_file, methods=["GET"], name="file"),

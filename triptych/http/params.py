@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -62,6 +62,10 @@ class GenerationParams:
     stream: bool = False  # answer with server-sent events (OpenAI's image generation stream)
     partial_images: int = 0  # previews sent as partial images when streaming, 0 to 3
     preview_every: int | None = None  # denoising steps between previews (progress stream); None: a quarter
+    images: list[bytes] = field(default_factory=list)  # images/edits: the init images' file bytes
+    mask: bytes | None = None  # images/edits: the mask's file bytes
+    mask_alpha: bool = False  # the mask is OpenAI's: transparent pixels mark what to edit
+    strength: float | None = None  # images/edits: the pipeline's strength
 
 
 async def read_json(request: Request) -> Any:

@@ -1,0 +1,374 @@
+"""Train the demo model from nothing, on a couple of CPU cores, and write it as a Stable Diffusion checkpoint.
+
+    python -m training.train_demo --out triptych/demo_model
+
+Three stages, each small enough for a laptop CPU:
+
+1. A tiny KL autoencoder (four blocks, so 128 px images become 16×16×4 latents) learns to
+   reconstruct the flat-colour scenes. It trains on 64 px crops: it is fully convolutional,
+   so crops teach it the same edges at a quarter of the cost.
+2. A fixed set of scenes is drawn and encoded once; the denoiser then trains on latents only.
+3. A small CLIP text encoder and a small UNet train together from scratch: v-prediction on a
+   zero-terminal-SNR schedule (so pure noise at inference matches the noisiest training step and
+   the background's flat colour is not biased towards grey), the prompt dropped to "" one time in
+   ten for classifier-free guidance, and an exponential moving average of both networks as the
+   shipped weights.
+
+The checkpoint is diffusers' StableDiffusionPipeline layout in fp16 safetensors, with a DDIM
+scheduler (trailing timesteps) and ``training.json`` recording every setting and the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from training.scenes import IMAGE_SIZE, held_out_triples, render, training_example
+from training.tokenizer import build_tokenizer
+
+# The noise schedule of training and inference: SD's scaled-linear betas, rescaled so the last step is pure noise.
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+}
+
+
+@dataclass
+class Settings:
+    """Everything that shapes the result; written to training.json beside the weights."""
+
+    seed: int = 0
+    threads: int = 1  # torch threads; one avoids thrashing on a busy machine
+    vae_steps: int = 500
+    vae_batch: int = 8
+    vae_crop: int = 64  # pixels; a multiple of 8
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-5
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    examples: int = 12000  # scenes drawn and encoded once for the denoiser
+    steps: int = 2000  # denoiser optimisation steps
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.998
+    uncond_prob: float = 0.1  # prompts replaced by "" so the model learns the unconditional score too
+    text_width: int = 128
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    log_every: int = 50
+
+
+# --- the networks -------------------------------------------------------------------------------
+
+
+def make_vae(s: Settings, groups: int = 2) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=s.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=groups,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,  # flat colours need no global attention; it would also tie the VAE to one size
+    )
+
+
+def make_text_encoder(s: Settings, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.text_width,
+        intermediate_size=2 * s.text_width,
+        num_hidden_layers=s.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        projection_dim=s.text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(s: Settings) -> UNet2DConditionModel:
+    """Three levels (16, 8, 4): plain convolutions at full latent size, cross-attention below it."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8,  # the pipeline's default size: 16 latents, 128 px
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=s.unet_channels,
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=s.text_width,
+        attention_head_dim=4,  # SD1.5's quirk: this is the number of heads
+    )
+
+
+def inference_scheduler() -> DDIMScheduler:
+    """DDIM over the training schedule; trailing timesteps start at the pure-noise step."""
+    return DDIMScheduler(
+        **SCHEDULE, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, steps_offset=1
+    )
+
+
+# --- stage 1: the autoencoder ------------------------------------------------------------------
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])  # (B, H, W, 3)
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def random_crops(images: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    """One crop of ``size`` per image, on the 8-pixel grid the latents use."""
+    crops = []
+    for image in images:
+        top, left = (8 * rng.randrange((IMAGE_SIZE - size) // 8 + 1) for _ in range(2))
+        crops.append(image[:, top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+def train_vae(s: Settings, rng: random.Random, log: Progress) -> AutoencoderKL:
+    vae = make_vae(s)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.vae_lr, total_steps=max(s.vae_steps, 2), pct_start=0.1)
+    for step in range(1, s.vae_steps + 1):
+        images = to_tensor([render(training_example(rng)[0]) for _ in range(s.vae_batch)])
+        x = random_crops(images, s.vae_crop, rng)  # (B, 3, crop, crop)
+        posterior = vae.encode(x).latent_dist
+        # The mean, not a sample: with a tiny KL weight the posterior's noise only slows learning.
+        reconstruction = vae.decode(posterior.mode()).sample
+        mse = F.mse_loss(reconstruction, x)
+        loss = mse + s.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.step("vae", step, s.vae_steps, mse=mse.item())
+    vae.eval()
+    return vae
+
+
+# --- stage 2: the latent data set --------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_examples(s: Settings, vae: AutoencoderKL, rng: random.Random, log: Progress) -> tuple[torch.Tensor, list]:
+    """Draw ``s.examples`` scenes; return their unscaled latents (N, 4, 16, 16) and their prompts."""
+    latents, prompts, chunk = [], [], 64
+    for start in range(0, s.examples, chunk):
+        batch = [training_example(rng) for _ in range(min(chunk, s.examples - start))]
+        prompts += [prompt for _, prompt in batch]
+        latents.append(vae.encode(to_tensor([render(scene) for scene, _ in batch])).latent_dist.mean)
+        log.step("encode", min(start + chunk, s.examples), s.examples)
+    return torch.cat(latents), prompts
+
+
+# --- stage 3: text encoder and UNet ------------------------------------------------------------
+
+
+class Ema:
+    """Exponential moving average of some modules' parameters, warmed up so early steps count less."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_modules(self) -> None:
+        for param, shadow in zip(self.params, self.shadow, strict=True):
+            param.copy_(shadow)
+
+
+def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(N, max_tokens) ids, padded and truncated exactly as StableDiffusionPipeline.encode_prompt does."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def train_denoiser(
+    s: Settings,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    log: Progress,
+) -> None:
+    """Joint v-prediction training of ``text_encoder`` and ``unet`` on scaled latents; leaves them at their EMA."""
+    noise_schedule = DDPMScheduler(**SCHEDULE)
+    modules = [text_encoder, unet]
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.99), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < s.warmup:
+            return (step + 1) / s.warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(s.steps - s.warmup, 1)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    ema = Ema(modules, s.ema)
+    generator = torch.Generator().manual_seed(s.seed)
+    for step in range(1, s.steps + 1):
+        pick = torch.randint(len(latents), (s.batch,), generator=generator)
+        x0 = latents[pick]  # (B, 4, 16, 16)
+        drop = torch.rand(s.batch, generator=generator) < s.uncond_prob
+        batch_ids = torch.where(drop[:, None], empty_ids, ids[pick])  # (B, max_tokens)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(noise_schedule.config.num_train_timesteps, (s.batch,), generator=generator)
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        target = noise_schedule.get_velocity(x0, noise, t)
+        context = text_encoder(batch_ids)[0]  # (B, max_tokens, text_width): the pipeline's prompt_embeds
+        loss = F.mse_loss(unet(noisy, t, context).sample, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.update(step)
+        log.step("denoiser", step, s.steps, loss=loss.item())
+    ema.copy_to_modules()
+
+
+# --- driving it --------------------------------------------------------------------------------
+
+
+class Progress:
+    """Prints a line every ``every`` steps of a stage: the step, smoothed losses, elapsed time, and an estimate left."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(every, 1)
+        self.start = time.monotonic()
+        self.stage_start = self.start
+        self.stage = ""
+        self.smoothed: dict[str, float] = {}
+
+    def step(self, stage: str, step: int, total: int, **losses: float) -> None:
+        if stage != self.stage:
+            self.stage, self.stage_start, self.smoothed = stage, time.monotonic(), {}
+        for name, value in losses.items():
+            self.smoothed[name] = value if name not in self.smoothed else 0.95 * self.smoothed[name] + 0.05 * value
+        if step % self.every and step != total:
+            return
+        now = time.monotonic()
+        left = (now - self.stage_start) / step * (total - step)
+        shown = " ".join(f"{name} {value:.4f}" for name, value in self.smoothed.items())
+        print(
+            f"[{now - self.start:7.1f}s] {stage} {step}/{total} {shown} (stage {left:.0f}s left)",
+            flush=True,
+        )
+
+
+@torch.no_grad()
+def latent_scale(latents: torch.Tensor) -> float:
+    """The VAE scaling factor: what makes the latents unit-variance, as the UNet's noise is."""
+    return float(1.0 / latents.std())
+
+
+def train(s: Settings, out: Path) -> StableDiffusionPipeline:
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    rng = random.Random(s.seed)
+    log = Progress(s.log_every)
+    started = time.monotonic()
+
+    vae = train_vae(s, rng, log)
+    raw, prompts = encode_examples(s, vae, rng, log)
+    scale = latent_scale(raw)
+    vae.register_to_config(scaling_factor=scale)
+    print(f"latents: mean {raw.mean():.3f}, std {raw.std():.3f} -> scaling_factor {scale:.4f}", flush=True)
+
+    tokenizer = build_tokenizer()
+    text_encoder, unet = make_text_encoder(s, tokenizer), make_unet(s)
+    text_encoder.train()
+    unet.train()
+    ids, empty_ids = token_ids(tokenizer, prompts), token_ids(tokenizer, [""])
+    train_denoiser(s, raw * scale, ids, empty_ids, text_encoder, unet, log)
+    text_encoder.eval()
+    unet.eval()
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save(pipe, s, out, time.monotonic() - started)
+    return pipe
+
+
+def save(pipe: StableDiffusionPipeline, s: Settings, out: Path, seconds: float) -> None:
+    """Write the checkpoint in fp16 (a few MB) with training.json: settings, seed, time, held-out triples."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+    record = {
+        "settings": dataclasses.asdict(s),
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "held_out_triples": sorted(map(list, held_out_triples())),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} in {seconds:.0f}s", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
+    parser = argparse.ArgumentParser(prog="python -m training.train_demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("triptych/demo_model"), help="checkpoint folder to write")
+    for field in dataclasses.fields(Settings):
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(default))
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return Settings(**values), args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, out = parse_args(argv)
+    print(f"training the demo model into {out}: {settings}", flush=True)
+    train(settings, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
