@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protocol import errors, messages
-from protocol.broker_core import BrokerCore
+from protocol.broker_core import MAX_STATUS_NODES, STARTUP_GRACE, BrokerCore
 from protocol.messages import (
     DECODER,
     DENOISER,
@@ -30,6 +30,8 @@ from protocol.messages import (
     JobCancel,
     JobFailed,
     JobProgress,
+    LOADING,
+    READY,
     Message,
     ProgressEvent,
     ProtocolError,
@@ -43,8 +45,13 @@ from protocol.messages import (
     WorkerGoodbye,
     WorkerReady,
 )
+from protocol.limits import RequestLimits
+from protocol.peers import CLIENT as CLIENT_ROLE
+from protocol.peers import NODE as NODE_ROLE
+from protocol.peers import Peer
 from protocol.sockets import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from protocol.tensors import WireTensor
+from protocol.watchdog import StallPolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
@@ -67,9 +74,9 @@ class Sim:
         self.core = BrokerCore(**kwargs)
         self.now = 1000.0
 
-    def send(self, sender: bytes, message: Message, at: float | None = None) -> Sent:
+    def send(self, sender: bytes, message: Message, at: float | None = None, peer: Peer | None = None) -> Sent:
         self.now = self.now if at is None else at
-        self.core.handle(sender, wire(message), self.now)
+        self.core.handle(sender, wire(message), self.now, peer=peer)
         return self.take()
 
     def tick(self, at: float) -> Sent:
@@ -81,9 +88,11 @@ class Sim:
         outbox, self.core.outbox = self.core.outbox, []
         return [(identity, wire(message)) for identity, message in outbox]
 
-    def register(self, identity: bytes, service: str, model: str = MODEL, capacity: int = 1) -> Sent:
-        ready = WorkerReady(service=service, model=model, node=f"{identity.decode()}-node", capacity=capacity)
-        return self.send(identity, ready)
+    def register(
+        self, identity: bytes, service: str, model: str = MODEL, capacity: int = 1, state: str = READY
+    ) -> Sent:
+        node = f"{identity.decode()}-node"
+        return self.send(identity, WorkerReady(service=service, model=model, node=node, capacity=capacity, state=state))
 
     def status(self) -> StatusReply:
         return only(self.send(b"someone", StatusRequest(request_id="s")), StatusReply)
@@ -417,7 +426,7 @@ def test_a_late_result_for_a_requeued_job_takes_it_off_the_queue():
     sim.register(DEN, DENOISER)
     out = sim.send(ENC, embedded(encode))  # it was only slow
     assert only(out, DenoiseJob, DEN).request_id == "r1"
-    assert sim.status().queues[f"encoder/{MODEL}"] == 0
+    assert sim.status().queues.get(f"encoder/{MODEL}", 0) == 0
     assert not sent(sim.register(b"enc2", ENCODER), StageJob)  # the encode job is not run again
 
 
@@ -663,7 +672,7 @@ def test_a_request_with_no_denoiser_for_its_model_times_out_saying_so():
     assert failed.error == f"no denoiser node serves model {MODEL}"
     assert (failed.code, failed.retryable) == (errors.NO_NODE, True)
     assert sim.core.requests == {} and sim.core.jobs == {}
-    assert sim.status().queues[f"denoiser/{MODEL}"] == 0
+    assert sim.status().queues.get(f"denoiser/{MODEL}", 0) == 0
 
 
 def test_a_request_whose_job_runs_too_long_times_out_and_cancels_it():
@@ -686,9 +695,9 @@ def test_a_request_for_a_model_no_node_serves_times_out_saying_so():
     sim.send(CLIENT, request(model="no-such-model", timeout=1.0))
     sim.send(ENC, Heartbeat(), at=t0 + 1)
     failed = only(sim.tick(t0 + 1.5), RequestFailed, CLIENT)
-    assert failed.error == "no node serves model no-such-model"
+    assert failed.error == f"no node serves model no-such-model (served: {MODEL})"
     assert (failed.code, failed.retryable) == (errors.UNKNOWN_MODEL, False)
-    assert sim.status().queues["encoder/no-such-model"] == 0
+    assert "encoder/no-such-model" not in sim.status().queues  # freed: clients choose those names
 
 
 def test_a_request_for_no_model_times_out_saying_so():
@@ -714,9 +723,6 @@ def test_cancel_removes_the_request_and_cancels_its_running_job():
     sim = Sim()
     sim.register(ENC, ENCODER)
     job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
-
-    assert sim.send(b"intruder", CancelRequest(request_id="r1")) == []  # only the owner may cancel
-    assert "r1" in sim.core.requests
 
     out = sim.send(CLIENT, CancelRequest(request_id="r1"))
     assert only(out, JobCancel, ENC).job_id == job.job_id
@@ -872,3 +878,371 @@ def test_a_result_that_fails_its_checks_fails_its_request_at_once():
     failed = only(sim.take(), RequestFailed, CLIENT)
     assert failed.code == errors.MODEL_ERROR and "malformed result" in failed.error
     assert sim.core.workers[ENC].jobs == set()
+
+
+# --- who may send what, and who may answer a job ----------------------------------------------
+
+NODE_KEY = Peer(key="node-key", roles=frozenset({NODE_ROLE}))
+CLIENT_KEY = Peer(key="alice-key", roles=frozenset({CLIENT_ROLE}))
+OTHER_CLIENT_KEY = Peer(key="bob-key", roles=frozenset({CLIENT_ROLE}))
+
+
+def test_under_curve_a_client_key_can_neither_register_nor_answer_jobs():
+    sim = Sim()
+    ready = WorkerReady(service=ENCODER, model=MODEL, node="posing")
+    assert sim.send(b"posing", ready, peer=CLIENT_KEY) == []
+    assert sim.core.workers == {}
+    sim.send(ENC, WorkerReady(service=ENCODER, model=MODEL, node="enc-node"), peer=NODE_KEY)
+    job = only(sim.send(CLIENT, request(), peer=CLIENT_KEY), EncodeJob, ENC)
+    assert sim.send(ENC, embedded(job), peer=CLIENT_KEY) == []  # its own connection, but a client's key
+    assert job.job_id in sim.core.jobs and sim.core.workers[ENC].jobs == {job.job_id}
+
+
+def test_under_curve_a_node_key_cannot_send_requests_or_ask_for_status():
+    sim = Sim()
+    sim.send(ENC, WorkerReady(service=ENCODER, model=MODEL, node="enc-node"), peer=NODE_KEY)
+    assert sim.send(ENC, request(), peer=NODE_KEY) == []
+    assert sim.send(ENC, StatusRequest(request_id="s"), peer=NODE_KEY) == []
+    assert sim.core.requests == {} and sim.core.jobs == {}
+
+
+def test_a_result_from_a_node_never_handed_the_job_is_refused():
+    sim = Sim()
+    sim.register(b"enc1", ENCODER)
+    sim.register(b"enc2", ENCODER)
+    sim.register(DEN, DENOISER)
+    ((holder, (job,)),) = assigned(sim.send(CLIENT, request())).items()
+    other = ({b"enc1", b"enc2"} - {holder}).pop()
+    assert sim.send(other, embedded(job)) == []  # it knows the job id, but never held the job
+    assert sim.send(other, JobFailed(job_id=job.job_id, error="x")) == []
+    assert sim.send(other, JobProgress(job_id=job.job_id, step=1, total=2)) == []
+    assert "r1" in sim.core.requests and sim.core.workers[holder].jobs == {job.job_id}
+    assert only(sim.send(holder, embedded(job)), DenoiseJob, DEN).request_id == "r1"
+
+
+# --- clients that reconnect -------------------------------------------------------------------
+
+
+def test_a_resend_from_a_new_connection_takes_the_replies_and_gets_the_images_so_far():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    sim.register(DEC, DECODER)
+    denoise = only(to_denoise(sim, "r1", num_images=2), DenoiseJob, DEN)
+    first = only(sim.send(DEN, denoised(denoise, 2)), DecodeJob, DEC)
+    out = sim.send(DEC, decoded(first, b"first"))
+    assert only(out, ImageResult, CLIENT).png == b"first"  # sent to a connection that then dropped
+    second = only(out, DecodeJob, DEC)
+
+    out = sim.send(b"client-again", request("r1", num_images=2))  # the client resends from its new connection
+    assert [type(m) for _, m in out] == [RequestAccepted, ImageResult]
+    assert only(out, ImageResult, b"client-again").png == b"first"
+    assert not sent(out, StageJob)  # nothing runs twice
+    out = sim.send(DEC, decoded(second, b"second"))
+    assert only(out, ImageResult, b"client-again").png == b"second"
+    assert sim.core.requests == {}
+
+
+def test_a_resend_after_the_request_ended_gets_its_images_without_a_rerun():
+    sim = Sim(result_grace=30.0)
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    sim.register(DEC, DECODER)
+    denoise = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    decode = only(sim.send(DEN, denoised(denoise)), DecodeJob, DEC)
+    assert only(sim.send(DEC, decoded(decode, b"img")), ImageResult, CLIENT).png == b"img"
+    assert sim.core.requests == {}
+
+    out = sim.send(b"client-again", request("r1"), at=sim.now + 29)
+    assert [type(m) for _, m in out] == [RequestAccepted, ImageResult]
+    assert only(out, ImageResult, b"client-again").png == b"img"
+    keep_alive(sim, sim.now + 2, ENC, DEN, DEC)
+    sim.tick(sim.now)  # past the grace period: forgotten, so the same id is a new request
+    assert only(sim.send(b"client-again", request("r1")), EncodeJob, ENC).request_id == "r1"
+
+
+def test_a_resend_after_a_failure_gets_the_failure_again():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    sim.send(ENC, JobFailed(job_id=job.job_id, error="boom"))
+    out = sim.send(b"client-again", request())
+    assert [type(m) for _, m in out] == [RequestAccepted, RequestFailed]
+    assert "boom" in only(out, RequestFailed, b"client-again").error
+    assert sim.core.jobs == {}
+
+
+def test_a_cancel_from_a_new_connection_cancels():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    out = sim.send(b"client-again", CancelRequest(request_id="r1"))
+    assert only(out, JobCancel, ENC).job_id == job.job_id
+    assert only(out, RequestFailed, b"client-again").code == errors.CANCELLED
+    assert sim.core.requests == {}
+
+
+def test_under_curve_only_the_requests_own_key_may_cancel_or_take_its_replies():
+    sim = Sim()
+    sim.send(ENC, WorkerReady(service=ENCODER, model=MODEL, node="enc-node"), peer=NODE_KEY)
+    job = only(sim.send(CLIENT, request(), peer=CLIENT_KEY), EncodeJob, ENC)
+    assert sim.send(b"bob", CancelRequest(request_id="r1"), peer=OTHER_CLIENT_KEY) == []
+    assert sim.send(b"bob", request(), peer=OTHER_CLIENT_KEY) == []  # its replies stay with alice
+    assert sim.core.requests["r1"].client == CLIENT
+    out = sim.send(b"alice-again", CancelRequest(request_id="r1"), peer=CLIENT_KEY)
+    assert only(out, JobCancel, ENC).job_id == job.job_id
+    assert only(out, RequestFailed, b"alice-again").code == errors.CANCELLED
+
+
+# --- nodes that stop making progress ----------------------------------------------------------
+
+
+def stall_sim(**kwargs) -> Sim:
+    """Stalls after 1 s of silence (2 s before a stage is measured), three denoisers, an encoder."""
+    sim = Sim(stall=StallPolicy(timeout=1.0, factor=10.0, warmup=2.0), **kwargs)
+    sim.register(ENC, ENCODER, capacity=8)
+    return sim
+
+
+def keep_alive(sim: Sim, at: float, *identities: bytes) -> None:
+    for identity in identities:
+        sim.send(identity, Heartbeat(), at=at)
+
+
+def test_a_node_that_holds_a_job_without_progress_loses_it_and_gets_no_new_work():
+    sim = stall_sim()
+    sim.register(b"den1", DENOISER)
+    sim.register(b"den2", DENOISER)
+    ((stuck, (job,)),) = assigned(to_denoise(sim, "r1")).items()
+    other = ({b"den1", b"den2"} - {stuck}).pop()
+    t0 = sim.now
+    sim.send(stuck, JobProgress(job_id=job.job_id, step=1, total=20), at=t0 + 0.5)
+    keep_alive(sim, t0 + 2.4, ENC, stuck, other)  # its IO thread still heartbeats
+    assert not sent(sim.tick(t0 + 2.4), StageJob)  # 1.9 s of silence: within 2 x 1 s before any step was timed
+    keep_alive(sim, t0 + 2.6, ENC, stuck, other)
+    out = sim.tick(t0 + 2.6)
+    assert only(out, JobCancel, stuck).job_id == job.job_id
+    assert only(out, DenoiseJob, other).job_id == job.job_id
+    states = {n["node"]: n["state"] for n in sim.status().nodes}
+    assert states[f"{stuck.decode()}-node"] == "stalled" and states[f"{other.decode()}-node"] == "busy"
+
+    # Idle, but stalled: new work waits for the healthy node rather than going to it.
+    assert assigned(to_denoise(sim, "r2")) == {}
+    # It reports again (its compute thread came back and answered the cancel): it takes work again.
+    out = sim.send(stuck, JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED))
+    assert only(out, DenoiseJob, stuck).request_id == "r2"
+    assert "r1" in sim.core.requests
+
+
+def test_the_silence_allowed_follows_the_nodes_own_step_time():
+    sim = stall_sim()
+    sim.register(DEN, DENOISER)
+    job = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    t = sim.now
+    for step in range(1, 5):  # 0.5 s a step: 10 x that is 5 s, more than the 1 s floor
+        t += 0.5
+        sim.send(DEN, JobProgress(job_id=job.job_id, step=step, total=20), at=t)
+    keep_alive(sim, t + 4.9, ENC, DEN)
+    assert not sent(sim.tick(t + 4.9), JobCancel)
+    keep_alive(sim, t + 5.1, ENC, DEN)
+    assert only(sim.tick(t + 5.1), JobCancel, DEN).job_id == job.job_id
+
+
+def test_a_job_waiting_on_a_node_behind_one_making_progress_is_not_stalled():
+    sim = stall_sim()
+    sim.register(DEN, DENOISER, capacity=2)
+    running = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    waiting = only(to_denoise(sim, "r2"), DenoiseJob, DEN)
+    t = sim.now
+    for step in range(1, 30):  # 6 s of progress on the first job; the second gets no word meanwhile
+        t += 0.2
+        sim.send(DEN, JobProgress(job_id=running.job_id, step=step, total=40), at=t)
+        keep_alive(sim, t, ENC)
+        assert not sent(sim.tick(t), JobCancel)
+    assert sim.core.workers[DEN].jobs == {running.job_id, waiting.job_id}
+
+
+def test_a_request_that_times_out_tells_every_node_that_held_its_job_to_cancel():
+    sim = stall_sim()
+    sim.register(b"den1", DENOISER)
+    sim.register(b"den2", DENOISER)
+    t0 = sim.now
+    ((stuck, (job,)),) = assigned(to_denoise(sim, "r1", timeout=5.0)).items()
+    other = ({b"den1", b"den2"} - {stuck}).pop()
+    keep_alive(sim, t0 + 2.5, ENC, stuck, other)
+    assert only(sim.tick(t0 + 2.5), DenoiseJob, other).job_id == job.job_id
+    for step, at in enumerate((3.0, 3.5, 4.0, 4.5, 5.0), start=1):  # this one makes progress
+        sim.send(other, JobProgress(job_id=job.job_id, step=step, total=100), at=t0 + at)
+    keep_alive(sim, t0 + 5.5, ENC, stuck, other)
+    out = sim.tick(t0 + 5.5)
+    assert only(out, RequestFailed, CLIENT).code == errors.TIMEOUT
+    assert {identity for identity, m in out if isinstance(m, JobCancel) and m.job_id == job.job_id} == {stuck, other}
+
+
+# --- one user's share, unknown models, limits -------------------------------------------------
+
+
+def test_one_users_thousand_requests_delay_anothers_first_by_one_job_at_most():
+    sim = Sim(max_requests=1000)
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    sim.register(DEC, DECODER)
+    refused = []
+    for i in range(1000):
+        out = sim.send(b"greedy", request(f"g{i}", user="greedy"))
+        refused += sent(out, RequestFailed)
+    assert len(refused) == 1000 - sim.core.limits.max_user_requests
+    assert all(f.code == errors.BUSY and f.retryable and "--max-user-requests" in f.error for f in refused)
+    assert sent(sim.send(b"polite", request("p0", user="polite")), RequestAccepted)
+
+    holding = {ENC: sim.core.workers[ENC].jobs, DEN: sim.core.workers[DEN].jobs, DEC: sim.core.workers[DEC].jobs}
+    images: list[str] = []
+    answers = {ENC: embedded, DEN: denoised, DEC: decoded}
+    while "p0" not in images:
+        for identity, answer in answers.items():  # each node finishes its job in turn
+            (job_id,) = holding[identity]
+            out = sim.send(identity, answer(sim.core.jobs[job_id].message))
+            images += [image.request_id for image in sent(out, ImageResult)]
+    # Behind the job the encoder was running when it came, and the one greedy job whose turn it was.
+    assert images == ["g0", "g1", "p0"]
+    assert len(sim.core.requests) == sim.core.limits.max_user_requests - 2
+
+
+def test_a_request_for_a_model_no_node_announced_fails_at_once_naming_the_served_ones():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    out = sim.send(CLIENT, request(model="no-such-model"), at=sim.now + STARTUP_GRACE)
+    failed = only(out, RequestFailed, CLIENT)
+    assert (failed.code, failed.retryable) == (errors.UNKNOWN_MODEL, False)
+    assert failed.error == f"no node serves model no-such-model (served: {MODEL})"
+    assert not sent(out, RequestAccepted) and sim.core.requests == {} and sim.core.queues == {}
+
+
+def test_a_request_for_a_model_whose_node_is_loading_waits_for_it():
+    sim = Sim()
+    sim.tick(sim.now + STARTUP_GRACE)
+    sim.register(ENC, ENCODER, state=LOADING)
+    out = sim.send(CLIENT, request())
+    assert sent(out, RequestAccepted) and not sent(out, StageJob)
+    assert sim.status().nodes[0]["state"] == LOADING
+    out = sim.register(ENC, ENCODER, state=READY)  # its weights are read
+    assert only(out, EncodeJob, ENC).request_id == "r1"
+
+
+def test_requests_taken_while_nodes_could_still_register_fail_once_none_did():
+    sim = Sim()
+    t0 = sim.now
+    sim.register(ENC, ENCODER)
+    assert sent(sim.send(CLIENT, request(model="later")), RequestAccepted)  # the broker only just started
+    keep_alive(sim, t0 + STARTUP_GRACE - 1, ENC)
+    assert not sent(sim.tick(t0 + STARTUP_GRACE - 1), RequestFailed)
+    keep_alive(sim, t0 + STARTUP_GRACE, ENC)
+    failed = only(sim.tick(t0 + STARTUP_GRACE), RequestFailed, CLIENT)
+    assert failed.code == errors.UNKNOWN_MODEL and MODEL in failed.error
+
+
+def test_a_request_for_a_model_whose_last_node_just_left_waits_a_while():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.send(ENC, WorkerGoodbye(), at=sim.now + STARTUP_GRACE)
+    assert sent(sim.send(CLIENT, request()), RequestAccepted)  # it may be restarting
+    assert only(sim.register(b"enc2", ENCODER), EncodeJob, b"enc2").request_id == "r1"
+
+
+def test_a_request_timeout_is_capped_by_the_broker():
+    sim = Sim(limits=RequestLimits(max_timeout=5.0))
+    sim.register(ENC, ENCODER)
+    t0 = sim.now
+    sim.send(CLIENT, request(timeout=3600.0))
+    keep_alive(sim, t0 + 5.5, ENC)
+    failed = only(sim.tick(t0 + 5.5), RequestFailed, CLIENT)
+    assert (failed.code, failed.error) == (errors.TIMEOUT, "timed out after 5s")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "flag"),
+    [
+        ({"steps": 201}, "steps", "--max-steps"),
+        ({"num_images": 5}, "num_images", "--max-images"),
+        ({"height": 2048, "width": 2056}, "height", "--max-pixels"),
+    ],
+)
+def test_a_request_past_the_brokers_limits_fails_naming_the_limit(changes, field, flag):
+    sim = Sim(limits=RequestLimits(max_images=4))
+    sim.register(ENC, ENCODER)
+    failed = only(sim.send(CLIENT, request(**changes)), RequestFailed, CLIENT)
+    assert (failed.code, failed.field, failed.retryable) == (errors.INVALID_REQUEST, field, False)
+    assert flag in failed.error and failed.error.startswith(field)
+    assert sim.core.requests == {}
+
+
+def test_a_job_that_takes_two_nodes_down_fails_its_request():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER)
+    for identity in (b"dec1", b"dec2", b"dec3"):
+        sim.register(identity, DECODER)
+    decode = only(sim.send(DEN, denoised(only(to_denoise(sim, "r1"), DenoiseJob, DEN))), StageJob)
+    t = sim.now
+    for _ in range(2):  # each decoder that takes the job dies (it never answers, nor heartbeats)
+        holder = next(w.identity for w in sim.core.workers.values() if decode.job_id in w.jobs)
+        t += EXPIRY + 0.5
+        keep_alive(sim, t, ENC, DEN, *[i for i in sim.core.workers if i not in (holder, ENC, DEN)])
+        out = sim.tick(t)
+    failed = only(out, RequestFailed, CLIENT)
+    assert failed.error == "this request made two decoder nodes exit"
+    assert failed.code == errors.MODEL_ERROR
+    assert len([w for w in sim.core.workers.values() if w.service == DECODER]) == 1  # the third was spared
+
+
+def test_only_the_job_a_node_was_running_is_blamed_for_its_death():
+    sim = Sim()
+    sim.register(ENC, ENCODER, capacity=4)
+    sim.register(b"den1", DENOISER, capacity=2)
+    running = only(to_denoise(sim, "r1"), DenoiseJob, b"den1")
+    sim.send(b"den1", JobProgress(job_id=running.job_id, step=1, total=20))
+    waiting = only(to_denoise(sim, "r2"), DenoiseJob, b"den1")
+    t0 = sim.now
+    keep_alive(sim, t0 + EXPIRY + 0.5, ENC)
+    sim.tick(t0 + EXPIRY + 0.5)
+    assert (sim.core.jobs[running.job_id].losses, sim.core.jobs[waiting.job_id].losses) == (1, 0)
+
+
+# --- bounded state ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ready",
+    [
+        WorkerReady(service=ENCODER, model="m" * 257, node="n"),
+        WorkerReady(service=ENCODER, model=MODEL, node="n" * 257),
+        WorkerReady(service=ENCODER, model=MODEL, node="n", info={"blob": "x" * 5000}),
+        WorkerReady(service=ENCODER, model=MODEL, node="n", info={f"k{i}": i for i in range(100)}),
+        WorkerReady(service=ENCODER, model=MODEL, node="n", state="hungry"),
+    ],
+    ids=["long-model", "long-node", "big-info", "many-info-values", "unknown-state"],
+)
+def test_a_registration_with_a_field_past_its_bound_is_ignored(ready):
+    sim = Sim()
+    assert sim.send(b"n", ready) == []
+    assert sim.core.workers == {}
+
+
+def test_a_queue_is_freed_once_empty():
+    sim = Sim()
+    sim.register(ENC, ENCODER)
+    sim.register(DEN, DENOISER, capacity=2)
+    job = only(sim.send(CLIENT, request()), EncodeJob, ENC)
+    sim.send(CLIENT, request("r2"))
+    assert list(sim.core.queues) == [(ENCODER, MODEL)]
+    sim.send(ENC, embedded(job))  # r2's job leaves the queue for the encoder
+    assert sim.core.queues == {}
+    assert sim.status().queues == {f"encoder/{MODEL}": 0, f"denoiser/{MODEL}": 0}  # listed all the same
+
+
+def test_a_status_reply_lists_a_bounded_number_of_nodes():
+    sim = Sim()
+    for i in range(MAX_STATUS_NODES + 6):
+        sim.register(b"dec%d" % i, DECODER)
+    status = sim.status()
+    assert (len(status.nodes), status.nodes_left_out) == (MAX_STATUS_NODES, 6)

@@ -276,3 +276,17 @@ def test_an_edit_with_a_bad_image_is_a_400_naming_it(gateway):
     with pytest.raises(openai.BadRequestError) as info:
         sdk.images.edit(model="sd-tiny", image=("x.png", b"not a png", "image/png"), prompt=PROMPT)
     assert info.value.body["param"] == "image"
+
+
+def test_flux_img2img_equals_diffusers(family_checkpoint):
+    path = family_checkpoint("flux")
+    image = init_image(64, 64)
+    data = png_bytes(image)
+    options = {"height": 64, "width": 64, "guidance": 3.0, "strength": 0.7}
+    request = request_spec(path.name, prompt=PROMPT, steps=4, seed=4, num_images=2, images=[data], **options)
+    images = split_run(path, request, images=[data])
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "num_inference_steps": 4, "height": 64, "width": 64}
+        kwargs |= {"guidance_scale": 3.0, "strength": 0.7}
+        expected = _reference("FluxImg2ImgPipeline", path, 4 + index, **kwargs)
+        assert max_difference(got, expected) <= 1, f"image {index}"

@@ -232,7 +232,9 @@ def test_ctrl_c_cancels_and_the_denoiser_stops(rel, tmp_path):
             break
         time.sleep(0.1)
     else:
-        pytest.fail("the denoiser never started")
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"the denoiser never started; the CLI said: {err[-2000:]}")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and out == "" and "cancelled" in err

@@ -96,25 +96,48 @@ class Family:
 
             variant = getattr(diffusers, name).from_pipe(pipe)
             variant.set_progress_bar_config(disable=True)
-            if getattr(pipe, "vae", None) is None:  # the denoiser: the VAE's scale factor came from its config
-                for processor in ("image_processor", "mask_processor"):
-                    if hasattr(variant, processor):
-                        ratio = getattr(variant, processor).config.vae_scale_factor // variant.vae_scale_factor
-                        setattr(
-                            variant,
-                            processor,
-                            type(getattr(variant, processor))(
-                                **{
-                                    **getattr(variant, processor).config,
-                                    "vae_scale_factor": pipe.vae_scale_factor * ratio,
-                                }
-                            ),
-                        )
-                variant.vae_scale_factor = pipe.vae_scale_factor
-                if pipe in _VAE_CONFIGS:  # pipelines for images in read the VAE's config (latent channels)
-                    variant.vae = SimpleNamespace(config=SimpleNamespace(**_VAE_CONFIGS[pipe]))
+            if getattr(pipe, "vae", None) is None:  # the denoiser: what the VAE would tell comes from its config
+                self._as_with_vae(pipe, variant)
             variants[name] = variant
         return variants[name]
+
+    @staticmethod
+    def _as_with_vae(pipe: Any, variant: Any) -> None:
+        """Give a denoiser's pipeline for images in what its ``__init__`` would have read of a VAE."""
+        config = _VAE_CONFIGS.get(pipe, {})
+        overrides = {"vae_latent_channels": config["latent_channels"]} if "latent_channels" in config else {}
+        for name in ("image_processor", "mask_processor"):
+            processor = getattr(variant, name, None)
+            if processor is not None:
+                ratio = processor.config.vae_scale_factor // variant.vae_scale_factor
+                scale = {"vae_scale_factor": pipe.vae_scale_factor * ratio}
+                setattr(variant, name, type(processor)(**{**processor.config, **scale, **overrides}))
+        variant.vae_scale_factor = pipe.vae_scale_factor
+        if "latent_channels" in config and hasattr(variant, "latent_channels"):
+            variant.latent_channels = config["latent_channels"]
+        if config:  # the pipelines read the VAE's config (latent channels, scaling) even for latents out
+            variant.vae = SimpleNamespace(config=SimpleNamespace(**config))
+
+    def encode_img2img(self, runner: Any, request: RequestSpec, image: Image.Image, size: dict) -> ImageInputs:
+        """img2img the way most pipelines do it: the image preprocessed to ``size`` (the pipeline's
+        ``height``/``width``, or none for pipelines that keep the image's own), then the pipeline's own
+        ``_encode_vae_image`` with each image's generator, which it then goes on drawing from."""
+        pixels = runner.image_processor.preprocess(image, **size).float()  # (1, 3, H, W) in [-1, 1]
+        vae = runner.vae
+        latents, states = [], []
+        for i in range(request.num_images):
+            generator = torch.Generator("cpu").manual_seed(request.seed + i)
+            latents.append(
+                runner._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=generator).float().cpu()
+            )
+            states.append(generator.get_state())
+        height, width = pixels.shape[-2:]
+        return ImageInputs(
+            tensors={"image": torch.cat(latents)},  # (N, C, h, w) latents, taken in place of pixels
+            generator_state=torch.stack(states),
+            height=int(height),
+            width=int(width),
+        )
 
     def strength(self, pipe: Any, request: RequestSpec) -> float | None:
         """``strength`` as the pipeline gets it, for requests with images in."""

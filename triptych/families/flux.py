@@ -19,8 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 
-from protocol.messages import ResolvedParams
+from protocol.errors import RequestError
+from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import ENCODER
 from triptych.families.base import Tensors, TransformerFamily
 
@@ -28,6 +30,7 @@ from triptych.families.base import Tensors, TransformerFamily
 class Flux(TransformerFamily):
     name = "flux"
     pipelines = ("FluxPipeline",)
+    img2img_pipeline = "FluxImg2ImgPipeline"
     components = {
         **TransformerFamily.components,
         ENCODER: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
@@ -53,6 +56,17 @@ class Flux(TransformerFamily):
             max_sequence_length=self.call_default(pipe, "max_sequence_length"),
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_images(
+        self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
+    ) -> ImageInputs:
+        if len(images) != 1 or mask is not None:
+            raise RequestError("image", f"{self.name} takes one init image, and no mask")
+        runner = self.pipeline_for(pipe, request.workflow)
+        # FluxImg2ImgPipeline makes the request's size (default 1024 px), not the image's.
+        height, width = self.default_size(pipe)
+        size = {"height": request.height or height, "width": request.width or width}
+        return self.encode_img2img(runner, request, images[0], size)
 
     def decode_latents(self, pipe: Any, latents: torch.Tensor, params: ResolvedParams) -> torch.Tensor:
         vae = pipe.vae
