@@ -9,6 +9,10 @@ Nodes add their own figures as ``stats``: cumulative counters since the node sta
 ``{"cache_hits": 12, "cache_misses": 3}``, sent in heartbeats and job results. The broker keeps
 the latest figures of every node and exports their sums per service and model, so a node that
 reports a new counter needs no change here.
+
+Series are kept only for models a node serves: model names come from clients and nodes, so a
+series for every name ever seen would grow without bound. A request for a model no node serves is
+counted under ``other``; once a model has had no node for ``SERIES_GRACE`` seconds, its series go.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 OUTCOMES = ("completed", "failed", "cancelled")
 MAX_STATS = 64  # counters kept per report; more are dropped
 MAX_STAT_NAME = 64
 MAX_NODES_KEPT = 1024  # nodes whose figures are kept one by one; older ones are folded into a sum
-OTHER_MODEL = "other"  # the label of a request for a model no node has served
+OTHER_MODEL = "other"  # the label of a request for a model no node serves
+SERIES_GRACE = 600.0  # seconds a model may go without a node (a restart, a redeploy) before its series go
 
 _STAT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -43,15 +49,6 @@ def clean_stats(stats: Any) -> dict[str, float]:
             continue
         clean[name] = value
     return clean
-
-
-def host_of(bind: str) -> str:
-    """Where to serve metrics by default: the host the broker binds (tcp), else loopback."""
-    match = re.fullmatch(r"tcp://(\[[^\]]*\]|[^:]*):\d+", bind)
-    if match is None:
-        return "127.0.0.1"
-    host = match[1].strip("[]")
-    return "0.0.0.0" if host in ("*", "") else host
 
 
 class BrokerMetrics:
@@ -77,7 +74,7 @@ class BrokerMetrics:
 class PrometheusMetrics(BrokerMetrics):
     """Counters and histograms in a registry of their own, served by :meth:`serve`."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         from prometheus_client import (
             CollectorRegistry,
             Counter,
@@ -94,7 +91,7 @@ class PrometheusMetrics(BrokerMetrics):
         self.requests = Counter(
             "triptych_requests",
             "Requests that ended, by model and outcome (completed, failed, cancelled).",
-            ["model", "outcome"],
+            ["outcome", "model"],  # the model last, as in every series labelled by model
             registry=self.registry,
         )
         self.request_seconds = Histogram(
@@ -118,7 +115,10 @@ class PrometheusMetrics(BrokerMetrics):
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self._served: set[str] = set()  # models any node has registered for (broker thread only)
+        self.clock = clock
+        self._served: set[str] = set()  # models of the registered nodes (broker thread only)
+        self._unserved_since: dict[str, float] = {}  # models with series but no node, since when
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # model -> (metric, label values) it has
         self._lock = threading.Lock()  # guards what the scrape thread reads below
         self._nodes: dict[tuple[str, str], int] = {}
         self._queues: dict[tuple[str, str], int] = {}
@@ -129,21 +129,30 @@ class PrometheusMetrics(BrokerMetrics):
 
     # --- hooks (broker thread) -----------------------------------------------------------------
 
-    def on_request_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
+    def _labelled(self, metric: Any, model: str, *values: str) -> Any:
+        """``metric`` for a model's series (``other`` for one no node serves), remembered for removal.
+        ``values`` are its other labels, in order; the model is every such metric's last label."""
         label = model if model in self._served else OTHER_MODEL
-        self.requests.labels(model=label, outcome=outcome).inc()
+        labels = (*values, label)
+        self._series.setdefault(label, set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def on_request_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
+        self._labelled(self.requests, model, outcome).inc()
         if seconds is not None:
-            self.request_seconds.labels(model=label).observe(seconds)
+            self._labelled(self.request_seconds, model).observe(seconds)
 
     def on_job_finished(self, stage: str, model: str, seconds: float) -> None:
-        self.stage_seconds.labels(stage=stage, model=model).observe(seconds)
+        self._labelled(self.stage_seconds, model, stage).observe(seconds)
 
     def on_steps(self, stage: str, model: str, steps: int, seconds: float) -> None:
-        histogram = self.step_seconds.labels(stage=stage, model=model)
+        histogram = self._labelled(self.step_seconds, model, stage)
         for _ in range(min(steps, 1000)):
             histogram.observe(seconds / steps)
 
     def on_node_stats(self, service: str, model: str, node: str, stats: dict[str, float]) -> None:
+        if model not in self._served:
+            return
         key = (service, model, node)
         with self._lock:
             self._stats[key] = stats
@@ -158,11 +167,32 @@ class PrometheusMetrics(BrokerMetrics):
         nodes: dict[tuple[str, str], int] = {}
         for worker in workers:
             nodes[(worker.service, worker.model)] = nodes.get((worker.service, worker.model), 0) + 1
-            self._served.add(worker.model)
-        # Queues of models nobody serves are left out while empty: clients choose those names.
-        depths = {key: len(q) for key, q in queues.items() if len(q) or key[1] in self._served}
+        self._served = {model for _, model in nodes}
+        # The queues of served models, empty ones too; others only while they hold jobs (clients choose those names).
+        depths = dict.fromkeys(nodes, 0) | {key: len(q) for key, q in queues.items() if len(q)}
         with self._lock:
             self._nodes, self._queues, self._in_flight = nodes, depths, requests_in_flight
+        self._forget_unserved()
+
+    def _forget_unserved(self) -> None:
+        """Drop the series and node figures of models that have had no node for SERIES_GRACE seconds."""
+        now = self.clock()
+        with self._lock:
+            kept = {model for _, model, _ in self._stats} | {model for _, model in self._retired}
+        for model in (set(self._series) | kept) - self._served - {OTHER_MODEL}:
+            since = self._unserved_since.setdefault(model, now)
+            if now - since < SERIES_GRACE:
+                continue
+            del self._unserved_since[model]
+            for metric, labels in self._series.pop(model, ()):
+                metric.remove(*labels)
+            with self._lock:
+                for key in [key for key in self._stats if key[1] == model]:
+                    del self._stats[key]
+                for key in [key for key in self._retired if key[1] == model]:
+                    del self._retired[key]
+        for model in self._served:
+            self._unserved_since.pop(model, None)
 
     # --- scrape (HTTP thread) ------------------------------------------------------------------
 

@@ -290,3 +290,21 @@ def test_flux_img2img_equals_diffusers(family_checkpoint):
         kwargs |= {"guidance_scale": 3.0, "strength": 0.7}
         expected = _reference("FluxImg2ImgPipeline", path, 4 + index, **kwargs)
         assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+@pytest.mark.e2e
+def test_flux_img2img_through_the_nodes_equals_diffusers(family_checkpoint, tmp_path_factory):
+    from tests.support import max_pixel_difference, serving
+
+    path = family_checkpoint("flux")
+    image = init_image(64, 64)
+    with serving(tmp_path_factory.mktemp("flux-cluster"), [path]) as cluster, cluster.client() as client:
+        images = client.generate(
+            PROMPT, model=path.name, image=image, strength=0.7, steps=4, seed=6, num_images=2,
+            height=64, width=64, guidance=3.0,
+        )  # fmt: skip
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "num_inference_steps": 4, "height": 64, "width": 64}
+        kwargs |= {"guidance_scale": 3.0, "strength": 0.7}
+        expected = _reference("FluxImg2ImgPipeline", path, 6 + index, **kwargs)
+        assert max_pixel_difference(got.png, expected) <= 1, f"image {index}"

@@ -24,10 +24,36 @@ def add_curve_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-broker", type=Path, help="the broker's CURVE public key file (NAME.key)")
 
 
-def add_curve_server_arguments(parser: argparse.ArgumentParser, authorized_help: str) -> None:
-    """CURVE for the side that binds (broker, ``up``): its secret and the folder of keys let in."""
+def add_curve_server_arguments(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    """CURVE for the side that binds (broker, ``up``): its secret and the folders of keys let in, by role."""
     parser.add_argument("--curve-secret", type=Path, help="the broker's CURVE secret key file: turns CURVE on")
-    parser.add_argument("--curve-authorized", type=Path, help=authorized_help)
+    parser.add_argument(
+        "--curve-authorized", type=Path, help=f"folder of public keys (*.key){whose} that may be nodes and clients"
+    )
+    parser.add_argument(
+        "--curve-nodes", type=Path, metavar="DIR", help=f"folder of public keys{whose} that may register as nodes"
+    )
+    parser.add_argument(
+        "--curve-clients", type=Path, metavar="DIR", help=f"folder of public keys{whose} that may send requests"
+    )
+
+
+def curve_server_from_args(args: argparse.Namespace) -> Curve | None:
+    """CURVE settings of a broker: none of its flags, or the secret and at least one key folder.
+
+    Raises ValueError naming the flags when only some are given.
+    """
+    folders = (args.curve_authorized, args.curve_nodes, args.curve_clients)
+    if args.curve_secret is None and all(folder is None for folder in folders):
+        return None
+    if args.curve_secret is None or all(folder is None for folder in folders):
+        raise ValueError("CURVE needs both --curve-secret and --curve-authorized (or --curve-nodes / --curve-clients)")
+    return Curve(
+        secret_file=args.curve_secret,
+        authorized_dir=args.curve_authorized,
+        nodes_dir=args.curve_nodes,
+        clients_dir=args.curve_clients,
+    )
 
 
 def curve_from_args(args: argparse.Namespace) -> Curve | None:
