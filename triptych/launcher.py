@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.messages import LOADING
 from protocol.stages import DECODER, DENOISER, ENCODER, SERVICES
 from triptych.client import Client, GenerationError
 from triptych.nodes import node_package
@@ -26,17 +27,21 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ClusterCurve:
-    """CURVE for a launched cluster: the broker's key pair and the one key its nodes and client use."""
+    """CURVE for a launched cluster: the broker's key pair, the folders of keys it admits by role, and
+    the keys the cluster's own nodes and its own client use (each admitted in its role only)."""
 
     broker_secret: Path
     broker_public: Path
-    authorized_dir: Path
-    member_secret: Path
+    nodes_dir: Path  # public keys that may register as nodes
+    clients_dir: Path  # public keys that may send requests
+    node_secret: Path  # the cluster's nodes' key
+    client_secret: Path  # the launcher's own client's key (readiness checks; `run`'s request)
 
     @classmethod
     def create(cls, folder: Path, member_secret: Path, broker_public: Path | None = None) -> ClusterCurve:
-        """Authorize ``member_secret``'s public key; use ``broker_public`` (its .key_secret beside it)
-        as the broker's key pair, or make a throwaway one in ``folder``."""
+        """One key for the nodes and the client (``triptych run``): ``member_secret``'s public key is
+        admitted in both roles; ``broker_public`` (its .key_secret beside it) is the broker's key pair,
+        or a throwaway one is made in ``folder``."""
         import zmq.auth
 
         from protocol.security import generate_keys
@@ -51,36 +56,63 @@ class ClusterCurve:
             member_public, _ = zmq.auth.load_certificate(member_secret)
         except (OSError, ValueError) as exc:
             raise LaunchError(f"cannot read {member_secret}: {exc}") from exc
-        authorized = folder / "authorized"
-        authorized.mkdir(parents=True, exist_ok=True)
-        _write_public_key(authorized / "member.key", member_public)
-        return cls(broker_secret, broker_public, authorized, member_secret)
+        nodes, clients = _key_folders(folder)
+        for admitted in (nodes, clients):
+            _write_public_key(admitted / "member.key", member_public)
+        return cls(broker_secret, broker_public, nodes, clients, member_secret, member_secret)
 
     @classmethod
-    def with_broker_keys(cls, folder: Path, broker_secret: Path, authorized_dir: Path) -> ClusterCurve:
-        """The broker's own key pair and authorized folder (``triptych up``): its nodes get a throwaway
-        key, admitted in ``folder`` beside a copy of the keys already authorized."""
+    def with_broker_keys(
+        cls,
+        folder: Path,
+        broker_secret: Path,
+        authorized_dir: Path | None = None,
+        nodes_dir: Path | None = None,
+        clients_dir: Path | None = None,
+    ) -> ClusterCurve:
+        """The broker's own key pair and key folders (``triptych up``): its nodes get a throwaway node
+        key and the launcher a throwaway client key, admitted in ``folder`` beside copies of the keys
+        of the given folders (``authorized_dir``'s in both roles)."""
         from protocol.security import KeyFileError, generate_keys, load_key
 
         try:
             broker_public, _ = load_key(broker_secret, need_secret=True)
         except KeyFileError as exc:
             raise LaunchError(str(exc)) from exc
-        if not authorized_dir.is_dir():
-            raise LaunchError(f"--curve-authorized must be a folder of public keys (got {authorized_dir})")
+        given = (("--curve-authorized", authorized_dir), ("--curve-nodes", nodes_dir), ("--curve-clients", clients_dir))
+        for flag, given_dir in given:
+            if given_dir is not None and not given_dir.is_dir():
+                raise LaunchError(f"{flag} must be a folder of public keys (got {given_dir})")
         public_file = folder / "broker.key"
         _write_public_key(public_file, broker_public)
-        member_public, member_secret = generate_keys(folder / "member", "member")
-        authorized = folder / "authorized"
-        authorized.mkdir(parents=True, exist_ok=True)
-        for key in [*authorized_dir.glob("*.key"), member_public]:
-            shutil.copy(key, authorized / f"{key.parent.name}-{key.name}")
-        return cls(broker_secret, public_file, authorized, member_secret)
+        node_public, node_secret = generate_keys(folder / "own", "node")
+        client_public, client_secret = generate_keys(folder / "own", "client")
+        nodes, clients = _key_folders(folder)
+        for admitted, own, extra in ((nodes, node_public, nodes_dir), (clients, client_public, clients_dir)):
+            keys = [own, *(key for given_dir in (authorized_dir, extra) if given_dir for key in given_dir.glob("*.key"))]
+            for key in keys:
+                shutil.copy(key, admitted / f"{key.parent.name}-{key.name}")
+        return cls(broker_secret, public_file, nodes, clients, node_secret, client_secret)
 
     def client(self):
         from protocol.security import Curve
 
-        return Curve(secret_file=self.member_secret, broker_public_file=self.broker_public)
+        return Curve(secret_file=self.client_secret, broker_public_file=self.broker_public)
+
+    def broker_args(self) -> list[str]:
+        secret = ["--curve-secret", str(self.broker_secret)]
+        return [*secret, "--curve-nodes", str(self.nodes_dir), "--curve-clients", str(self.clients_dir)]
+
+    def node_args(self) -> list[str]:
+        return ["--curve-secret", str(self.node_secret), "--curve-broker", str(self.broker_public)]
+
+
+def _key_folders(folder: Path) -> tuple[Path, Path]:
+    """Fresh folders for the keys a launched broker admits as nodes, and as clients."""
+    nodes, clients = folder / "nodes", folder / "clients"
+    for admitted in (nodes, clients):
+        admitted.mkdir(parents=True, exist_ok=True)
+    return nodes, clients
 
 
 def cpu_threads(cores: int) -> dict[str, int]:
@@ -171,10 +203,7 @@ class Cluster:
     def start(self) -> None:
         broker_args, node_args = [], []
         if self.curve is not None:
-            broker_args = ["--curve-secret", str(self.curve.broker_secret)]
-            broker_args += ["--curve-authorized", str(self.curve.authorized_dir)]
-            node_args = ["--curve-secret", str(self.curve.member_secret)]
-            node_args += ["--curve-broker", str(self.curve.broker_public)]
+            broker_args, node_args = self.curve.broker_args(), self.curve.node_args()
         self._spawn("broker", ["triptych", "broker", "--bind", self.bind, *broker_args])
         named = ["--name", self.name, *node_args] if self.name else node_args
         threads = self.node_threads()
@@ -186,7 +215,7 @@ class Cluster:
             self._spawn(service, args, env)
 
     def wait_ready(self, timeout: float = 600.0) -> list[dict]:
-        """Block until a node of each kind has registered; raises if a process exits first."""
+        """Block until a node of each kind is ready (its weights read); raises if a process exits first."""
         deadline = time.monotonic() + timeout
         with Client(self.bind, curve=self.curve.client() if self.curve else None) as client:
             while time.monotonic() < deadline:
@@ -197,7 +226,7 @@ class Cluster:
                     nodes = client.status(timeout=1.0).nodes
                 except GenerationError:
                     continue
-                if {n["service"] for n in nodes} >= set(SERVICES):
+                if {n["service"] for n in nodes if n["state"] != LOADING} >= set(SERVICES):
                     return nodes
                 time.sleep(0.2)
         raise LaunchError(f"nodes did not register within {timeout:g}s")
