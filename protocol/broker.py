@@ -20,7 +20,7 @@ from protocol import messages
 from protocol.broker_core import BrokerCore
 from protocol.codec import CodecError
 from protocol.peers import Peer, peer_of
-from protocol.security import Curve, is_loopback, secure_server
+from protocol.security import Curve, secure_server
 from protocol.sockets import router
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ class Broker:
         self.dropped = 0  # malformed messages seen
         self.undelivered = 0  # messages a peer could not be sent
         self._complained: dict[bytes, float] = {}  # peer -> when its delivery trouble was last logged
-        if curve is None and not is_loopback(self.address):
-            logger.warning(
-                "listening on %s without CURVE: anyone who can reach it may register nodes and send requests "
-                "(see --curve-secret)",
-                self.address,
-            )
 
     def serve(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

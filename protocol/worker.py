@@ -7,6 +7,11 @@ re-registers when the broker restarts or forgets the node. The compute thread --
 tensors rebuilt as torch tensors) and a progress callback, and returns typed stage results; it
 knows nothing of sockets, so a long denoise never delays a heartbeat (torch and zmq both
 release the GIL).
+
+A node that takes long to load calls :meth:`Worker.announce` before it reads its weights: the
+broker then knows the model is on its way (it holds requests for it instead of failing them) and
+sees the node heartbeat while it loads; :meth:`Worker.configure` then sets what it runs, and
+:meth:`Worker.run` registers it as ready.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import zmq
 from protocol import errors, messages
 from protocol.codec import CodecError
 from protocol.messages import (
+    LOADING,
+    READY,
     Heartbeat,
     JobCancel,
     JobFailed,
@@ -88,7 +95,7 @@ class Worker:
         broker: str,
         service: str,
         model: str,
-        handler: Handler,
+        handler: Handler | None = None,
         *,
         capacity: int = 2,
         max_batch: int = 1,
@@ -101,12 +108,16 @@ class Worker:
     ) -> None:
         self.broker = broker
         self.curve = curve
-        self.ready = WorkerReady(service=service, model=model, node=node_name(), capacity=capacity, info=info or {})
-        self.handler = handler
-        self.max_batch = max_batch  # jobs run together in one handler call, at most
-        self.batch_window = batch_window  # seconds to wait for compatible jobs to fill a batch
-        self.batch_key = batch_key or (lambda job: job.job_id)  # jobs with equal keys may share a batch
-        self.stats = stats  # the node's cumulative counters, reported with heartbeats and results; any thread
+        self.ready = WorkerReady(service=service, model=model, node=node_name())
+        self.configure(
+            handler,
+            capacity=capacity,
+            max_batch=max_batch,
+            batch_window=batch_window,
+            batch_key=batch_key,
+            info=info,
+            stats=stats,
+        )
         self.ctx = ctx or zmq.Context.instance()
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.stop = threading.Event()
@@ -116,14 +127,62 @@ class Worker:
         self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
         self._send_to_io: zmq.Socket | None = None
 
+    def configure(
+        self,
+        handler: Handler | None,
+        *,
+        capacity: int = 2,
+        max_batch: int = 1,
+        batch_window: float = 0.0,
+        batch_key: BatchKey | None = None,
+        info: dict | None = None,
+        stats: Callable[[], dict] | None = None,
+    ) -> None:
+        """What the node runs and how it is fed; set before :meth:`run` (by a node that announced
+        itself, once its weights are read)."""
+        self.handler = handler
+        self.max_batch = max_batch  # jobs run together in one handler call, at most
+        self.batch_window = batch_window  # seconds to wait for compatible jobs to fill a batch
+        self.batch_key = batch_key or (lambda job: job.job_id)  # jobs with equal keys may share a batch
+        self.stats = stats  # the node's cumulative counters, reported with heartbeats and results; any thread
+        self.ready = dataclasses.replace(self.ready, capacity=capacity, info=info or {})
+
     # --- compute thread ---------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve jobs until :attr:`stop` is set; the current job is finished first."""
+    def announce(self) -> None:
+        """Connect now and register as loading, before the weights are read: requests for this model
+        wait for it at the broker instead of failing, and heartbeats flow while it loads."""
+        if self._send_to_io is None:
+            self.ready = dataclasses.replace(self.ready, state=LOADING)
+            self._start_io()
+
+    def close(self) -> None:
+        """Leave without serving (loading failed after :meth:`announce`): the broker is told goodbye."""
+        if self._send_to_io is not None:
+            self._leave()
+
+    def _start_io(self) -> None:
         self._io.start()
         self._io_ready.wait()
         self._send_to_io = self.ctx.socket(zmq.PAIR)
         self._send_to_io.connect(self._pipe)
+
+    def _leave(self) -> None:
+        self._send(WorkerGoodbye())
+        assert self._send_to_io is not None
+        self._send_to_io.close(linger=100)
+        self._io.join(timeout=2)
+
+    def run(self) -> None:
+        """Register as ready and serve jobs until :attr:`stop` is set; the current job is finished first."""
+        if self.handler is None:
+            raise RuntimeError("configure() the worker's handler before run()")
+        if self._send_to_io is None:
+            self.ready = dataclasses.replace(self.ready, state=READY)
+            self._start_io()
+        else:  # announced while loading: now it is ready
+            self.ready = dataclasses.replace(self.ready, state=READY)
+            self._send(self.ready)
         try:
             backlog: list[Job] = []  # received, not yet run
             while not self.stop.is_set():
@@ -135,9 +194,7 @@ class Worker:
                 batch = self._next_batch(backlog)
                 self._run_batch(batch)
         finally:
-            self._send(WorkerGoodbye())
-            self._send_to_io.close(linger=100)
-            self._io.join(timeout=2)
+            self._leave()
 
     def _next_batch(self, backlog: list[Job]) -> list[Job]:
         """The oldest job and up to max_batch - 1 compatible ones, waiting batch_window for more."""

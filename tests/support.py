@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol.messages import SERVICES
+from protocol.messages import LOADING, SERVICES
 from triptych.client import Client, GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +59,16 @@ class ProcessCluster:
         return process
 
     def start_broker(
-        self, bind: str | None = None, prefix: list[str] | None = None, metrics_port: int | None = None
+        self,
+        bind: str | None = None,
+        prefix: list[str] | None = None,
+        metrics_port: int | None = None,
+        flags: list[str] | None = None,
     ) -> subprocess.Popen:
         extra = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
         self.metrics_port = metrics_port
-        return self._spawn("broker", ["triptych", "broker", "--bind", bind or self.address, *extra], prefix)
+        command = ["triptych", "broker", "--bind", bind or self.address, *extra, *(flags or [])]
+        return self._spawn("broker", command, prefix)
 
     def start_node(
         self, service: str, model: Path | str, *extra: str, prefix: list[str] | None = None
@@ -79,7 +84,7 @@ class ProcessCluster:
             return client.status(timeout=5.0).nodes
 
     def wait_for(self, expected: dict[tuple[str, str], int], timeout: float = 180.0) -> list[dict]:
-        """Wait until at least ``expected[(service, model)]`` nodes of each are registered."""
+        """Wait until at least ``expected[(service, model)]`` nodes of each are registered and ready."""
         deadline = time.monotonic() + timeout
         nodes: list[dict] = []
         with self.client() as client:
@@ -89,7 +94,7 @@ class ProcessCluster:
                     nodes = client.status(timeout=2.0).nodes
                 except GenerationError:
                     continue
-                have = Counter((n["service"], n["model"]) for n in nodes)
+                have = Counter((n["service"], n["model"]) for n in nodes if n["state"] != LOADING)
                 if all(have[key] >= count for key, count in expected.items()):
                     return nodes
                 time.sleep(0.3)

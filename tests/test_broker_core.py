@@ -13,10 +13,13 @@ import torch
 
 from protocol import errors, messages
 from protocol.broker_core import MAX_STATUS_NODES, STARTUP_GRACE, BrokerCore
+from protocol.limits import RequestLimits
 from protocol.messages import (
     DECODER,
     DENOISER,
     ENCODER,
+    LOADING,
+    READY,
     CancelRequest,
     DecodedImage,
     DecodeJob,
@@ -30,8 +33,6 @@ from protocol.messages import (
     JobCancel,
     JobFailed,
     JobProgress,
-    LOADING,
-    READY,
     Message,
     ProgressEvent,
     ProtocolError,
@@ -45,7 +46,6 @@ from protocol.messages import (
     WorkerGoodbye,
     WorkerReady,
 )
-from protocol.limits import RequestLimits
 from protocol.peers import CLIENT as CLIENT_ROLE
 from protocol.peers import NODE as NODE_ROLE
 from protocol.peers import Peer

@@ -308,3 +308,28 @@ def test_flux_img2img_through_the_nodes_equals_diffusers(family_checkpoint, tmp_
         kwargs |= {"guidance_scale": 3.0, "strength": 0.7}
         expected = _reference("FluxImg2ImgPipeline", path, 6 + index, **kwargs)
         assert max_pixel_difference(got.png, expected) <= 1, f"image {index}"
+
+
+@pytest.mark.parametrize(
+    ("family", "pipeline_class", "options", "sized"),
+    [
+        ("sdxl", "StableDiffusionXLImg2ImgPipeline", {"guidance": 5.0, "negative_prompt": "blurry"}, False),
+        ("sd3", "StableDiffusion3Img2ImgPipeline", {"guidance": 5.0, "height": 64, "width": 96}, True),
+    ],
+)
+def test_sdxl_and_sd3_img2img_equal_diffusers(family_checkpoint, family, pipeline_class, options, sized):
+    path = family_checkpoint(family)
+    image = init_image()
+    data = png_bytes(image)
+    request = request_spec(
+        path.name, prompt=PROMPT, steps=4, seed=9, num_images=2, images=[data], strength=0.7, **options
+    )
+    images = split_run(path, request, images=[data])
+    for index, got in enumerate(images):
+        kwargs = {"prompt": PROMPT, "image": image, "num_inference_steps": 4, "strength": 0.7}
+        kwargs |= {"guidance_scale": 5.0} | {
+            k: v for k, v in options.items() if k in ("height", "width", "negative_prompt")
+        }
+        expected = _reference(pipeline_class, path, 9 + index, **kwargs)
+        assert got.size == (96, 64)
+        assert max_difference(got, expected) <= 1, f"image {index}"

@@ -30,9 +30,10 @@ from protocol.messages import (
     StageJob,
     StatusReply,
     StatusRequest,
+    WorkerGoodbye,
     WorkerReady,
 )
-from protocol.metrics import BrokerMetrics, PrometheusMetrics, clean_stats, host_of
+from protocol.metrics import SERIES_GRACE, BrokerMetrics, PrometheusMetrics, clean_stats
 from tests.support import ROOT, metric, scrape
 from triptych.client import GenerationCancelled, GenerationError
 from triptych.status import format_status
@@ -204,10 +205,49 @@ def test_clean_stats_keeps_named_finite_counters():
     assert clean_stats(["not", "a", "map"]) == {}
 
 
-def test_metrics_are_served_on_the_bind_host_by_default():
-    assert host_of("tcp://127.0.0.1:5555") == "127.0.0.1"
-    assert host_of("tcp://*:5555") == "0.0.0.0"
-    assert host_of("ipc:///tmp/broker.sock") == "127.0.0.1"
+def test_metrics_are_served_on_loopback_unless_told():
+    from triptych.cli import build_parser
+
+    assert build_parser().parse_args(["broker", "--bind", "tcp://0.0.0.0:5555"]).metrics_host == "127.0.0.1"
+    assert build_parser().parse_args(["broker", "--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+
+
+def test_series_are_kept_only_for_models_a_node_serves():
+    clock = [100.0]
+    metrics = PrometheusMetrics(clock=lambda: clock[0])
+    core = BrokerCore(metrics=metrics)
+
+    def tick() -> None:
+        core.tick(clock[0])
+        core.outbox.clear()
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    for identity, service in ((ENC, ENCODER), (DEN, DENOISER)):
+        core.handle(identity, WorkerReady(service=service, model="fleeting", node=identity.decode()), clock[0])
+    tick()
+    core.handle(ENC, Heartbeat(stats={"cache_hits": 2}), clock[0])
+    core.handle(CLIENT, request("r1", model="fleeting"), clock[0])
+    (encode,) = [m for _, m in core.outbox if isinstance(m, StageJob)]
+    core.handle(ENC, Embeddings(job_id=encode.job_id, embeds={}), clock[0])
+    core.handle(CLIENT, CancelRequest(request_id="r1"), clock[0])
+    tick()
+    assert value("triptych_requests_total", model="fleeting", outcome="cancelled") == 1
+    assert value("triptych_stage_seconds_count", stage="encode", model="fleeting") == 1
+    assert value("triptych_node_stat_total", service=ENCODER, model="fleeting", stat="cache_hits") == 2
+
+    for identity in (ENC, DEN):  # the model's nodes leave; a restart within the grace period keeps its series
+        core.handle(identity, WorkerGoodbye(), clock[0])
+    clock[0] += SERIES_GRACE - 1
+    tick()
+    assert value("triptych_requests_total", model="fleeting", outcome="cancelled") == 1
+    clock[0] += 2
+    tick()
+    assert value("triptych_requests_total", model="fleeting", outcome="cancelled") is None
+    assert value("triptych_stage_seconds_count", stage="encode", model="fleeting") is None
+    assert value("triptych_node_stat_total", service=ENCODER, model="fleeting", stat="cache_hits") is None
+    assert value("triptych_queue_depth", service=ENCODER, model="fleeting") is None
 
 
 def test_status_table_lists_nodes_and_queues():

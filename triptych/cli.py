@@ -29,6 +29,7 @@ from triptych.flags import (
     add_log_level,
     configure_logging,
     curve_from_args,
+    curve_server_from_args,
 )
 from triptych.nodes import ENTRY_POINTS, node_main
 
@@ -93,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument(
         "--max-requests", type=int, default=1000, help="requests in flight before new ones get 'busy' (default 1000)"
     )
-    add_curve_server_arguments(broker, "folder of the public keys (*.key) allowed in")
+    _add_broker_limits(broker)
+    add_curve_server_arguments(broker)
     broker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
-    broker.add_argument("--metrics-host", help="address for the metrics (default: the host of --bind)")
+    broker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for the metrics (default 127.0.0.1: this machine only)"
+    )
     add_log_level(broker)
 
     keygen = commands.add_parser("keygen", help="write a CURVE key pair (zmq.auth format)")
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
     up.add_argument("--name", help="name the model is served under")
     up.add_argument("--bind", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
-    add_curve_server_arguments(up, "folder of the public keys (*.key) of outside clients")
+    add_curve_server_arguments(up, " of outside machines")
     _add_device_options(up)
     add_log_level(up)
 
@@ -152,6 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of ``kind`` above 0."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+        return value
+
+    return parse
+
+
+def _add_broker_limits(parser: argparse.ArgumentParser) -> None:
+    """The broker's limits on requests, one user's share and stalled nodes (see protocol.limits, protocol.watchdog)."""
+    from protocol.limits import MAX_IMAGES, MAX_PIXELS, MAX_STEPS, MAX_TIMEOUT, MAX_USER_REQUESTS
+    from protocol.watchdog import STALL_TIMEOUT
+
+    limits = [
+        ("--max-user-requests", int, MAX_USER_REQUESTS, "requests in flight for one user before more get 'busy'"),
+        ("--max-timeout", float, MAX_TIMEOUT, "seconds a request may take at most, whatever it asks for"),
+        ("--max-pixels", int, MAX_PIXELS, "height x width a request may ask for"),
+        ("--max-images", int, MAX_IMAGES, "images one request may ask for"),
+        ("--max-steps", int, MAX_STEPS, "denoising steps one request may ask for"),
+        ("--stall-timeout", float, STALL_TIMEOUT, "seconds a busy node may go without progress before its jobs move"),
+    ]
+    for flag, kind, default, text in limits:
+        parser.add_argument(flag, type=_positive(kind), default=default, help=f"{text} (default {default})")
+
+
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="the denoiser's device (default: cuda if available)")
     parser.add_argument(
@@ -166,34 +199,50 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from protocol.allocator import keep_freed_buffers
     from protocol.broker import Broker
     from protocol.broker_core import BrokerCore
-    from protocol.security import Curve, KeyFileError
+    from protocol.limits import RequestLimits
+    from protocol.security import KeyFileError, is_loopback
+    from protocol.watchdog import StallPolicy
     from triptych.node_runner import exit_with_parent
 
     keep_freed_buffers()
     stop = threading.Event()
     _on_signals(stop)
     exit_with_parent(stop)
-    curve = None
-    if args.curve_secret or args.curve_authorized:
-        if not (args.curve_secret and args.curve_authorized):
-            print("triptych broker: CURVE needs both --curve-secret and --curve-authorized", file=sys.stderr)
-            return 2
-        curve = Curve(secret_file=args.curve_secret, authorized_dir=args.curve_authorized)
+    try:
+        curve = curve_server_from_args(args)
+    except ValueError as exc:
+        print(f"triptych broker: {exc}", file=sys.stderr)
+        return 2
     metrics = None
     if args.metrics_port is not None:
         from protocol.metrics import PrometheusMetrics
 
         metrics = PrometheusMetrics()
+    limits = RequestLimits(
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_timeout=args.max_timeout,
+        max_user_requests=args.max_user_requests,
+    )
+    core = BrokerCore(
+        max_requests=args.max_requests, metrics=metrics, limits=limits, stall=StallPolicy(timeout=args.stall_timeout)
+    )
     try:
-        broker = Broker(args.bind, core=BrokerCore(max_requests=args.max_requests, metrics=metrics), curve=curve)
+        broker = Broker(args.bind, core=core, curve=curve)
     except KeyFileError as exc:
         print(f"triptych broker: {exc}", file=sys.stderr)
         return 2
     print(f"broker listening on {broker.address}", file=sys.stderr, flush=True)
+    if curve is None and not is_loopback(broker.address):
+        print(
+            f"triptych broker: warning: {broker.address} is reachable from other machines and CURVE is off: "
+            "anyone who reaches it can register nodes and send requests (see --curve-secret)",
+            file=sys.stderr,
+            flush=True,
+        )
     if metrics is not None:
-        from protocol.metrics import host_of
-
-        host = args.metrics_host or host_of(args.bind)
+        host = args.metrics_host
         try:
             metrics.serve(host, args.metrics_port)
         except OSError as exc:
@@ -205,9 +254,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from protocol.security import generate_keys
+    from protocol.security import KeyFileError, generate_keys
 
-    public, secret = generate_keys(args.dir, args.name)
+    try:
+        public, secret = generate_keys(args.dir, args.name)
+    except (KeyFileError, OSError) as exc:
+        print(f"triptych keygen: {exc}", file=sys.stderr)
+        return 2
     print(public)
     print(secret)
     return 0
@@ -218,14 +271,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     _on_signals(stop)
-    if (args.curve_secret is None) != (args.curve_authorized is None):
-        print("triptych up: CURVE needs both --curve-secret and --curve-authorized", file=sys.stderr)
+    try:
+        wanted = curve_server_from_args(args)
+    except ValueError as exc:
+        print(f"triptych up: {exc}", file=sys.stderr)
         return 2
     try:
         with tempfile.TemporaryDirectory(prefix="triptych-up-") as folder:
             curve = None
-            if args.curve_secret is not None:
-                curve = ClusterCurve.with_broker_keys(Path(folder), args.curve_secret, args.curve_authorized)
+            if wanted is not None:
+                curve = ClusterCurve.with_broker_keys(
+                    Path(folder), wanted.secret_file, wanted.authorized_dir, wanted.nodes_dir, wanted.clients_dir
+                )
             return _serve_cluster(args, curve, stop)
     except LaunchError as exc:
         print(f"triptych up: {exc}", file=sys.stderr)

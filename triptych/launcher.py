@@ -89,7 +89,10 @@ class ClusterCurve:
         client_public, client_secret = generate_keys(folder / "own", "client")
         nodes, clients = _key_folders(folder)
         for admitted, own, extra in ((nodes, node_public, nodes_dir), (clients, client_public, clients_dir)):
-            keys = [own, *(key for given_dir in (authorized_dir, extra) if given_dir for key in given_dir.glob("*.key"))]
+            keys = [
+                own,
+                *(key for given_dir in (authorized_dir, extra) if given_dir for key in given_dir.glob("*.key")),
+            ]
             for key in keys:
                 shutil.copy(key, admitted / f"{key.parent.name}-{key.name}")
         return cls(broker_secret, public_file, nodes, clients, node_secret, client_secret)

@@ -109,23 +109,29 @@ Build = Callable[[NodeContext], NodeService]
 
 
 def serve(service: str, args: argparse.Namespace, build: Build) -> int:
-    """Load the stage and serve until SIGTERM/SIGINT; the job in hand is finished first."""
+    """Load the stage and serve until SIGTERM/SIGINT; the job in hand is finished first.
+
+    The node registers as loading before it reads its weights, so requests for its model wait for
+    it at the broker meanwhile (instead of failing as a model nobody serves).
+    """
     keep_freed_buffers()
     from triptych.families import UnsupportedModel, family_for_pipeline
     from triptych.families.loading import model_name, read_model_index
 
+    worker: Worker | None = None
     try:
         family = family_for_pipeline(read_model_index(args.model)["_class_name"])
         device, dtype = resolve_device(service, args.device, args.dtype, family.cuda_dtype)
         context = NodeContext(args, service, family, device, dtype, args.name or model_name(args.model))
+        worker = Worker(args.broker, service, context.name, curve=curve_from_args(args))
+        worker.announce()
         node = build(context)
     except (UnsupportedModel, OSError, ValueError, NodeStartError) as exc:
         print(f"triptych {service}: {exc}", file=sys.stderr)
+        if worker is not None:
+            worker.close()
         return 2
-    worker = Worker(
-        args.broker,
-        service,
-        context.name,
+    worker.configure(
         node.handler,
         capacity=node.capacity,
         max_batch=node.max_batch,
@@ -133,7 +139,6 @@ def serve(service: str, args: argparse.Namespace, build: Build) -> int:
         batch_key=node.batch_key,
         info=node.info,
         stats=node.stats,
-        curve=curve_from_args(args),
     )
 
     def stop(signum: int, frame: object) -> None:

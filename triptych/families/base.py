@@ -118,18 +118,29 @@ class Family:
         if config:  # the pipelines read the VAE's config (latent channels, scaling) even for latents out
             variant.vae = SimpleNamespace(config=SimpleNamespace(**config))
 
-    def encode_img2img(self, runner: Any, request: RequestSpec, image: Image.Image, size: dict) -> ImageInputs:
+    def encode_img2img(
+        self,
+        runner: Any,
+        request: RequestSpec,
+        image: Image.Image,
+        size: dict,
+        sample: Callable[[Any, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    ) -> ImageInputs:
         """img2img the way most pipelines do it: the image preprocessed to ``size`` (the pipeline's
-        ``height``/``width``, or none for pipelines that keep the image's own), then the pipeline's own
-        ``_encode_vae_image`` with each image's generator, which it then goes on drawing from."""
+        ``height``/``width``, or none for pipelines that keep the image's own), then the pipeline's VAE
+        encode with each image's generator, which it then goes on drawing from. ``sample`` is that
+        encode where the pipeline has it inline (default: its ``_encode_vae_image``)."""
         pixels = runner.image_processor.preprocess(image, **size).float()  # (1, 3, H, W) in [-1, 1]
         vae = runner.vae
         latents, states = [], []
         for i in range(request.num_images):
             generator = torch.Generator("cpu").manual_seed(request.seed + i)
-            latents.append(
-                runner._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=generator).float().cpu()
-            )
+            on_vae = pixels.to(vae.device, vae.dtype)
+            if sample is None:
+                encoded = runner._encode_vae_image(on_vae, generator=generator)
+            else:
+                encoded = sample(runner, on_vae, generator)
+            latents.append(encoded.float().cpu())
             states.append(generator.get_state())
         height, width = pixels.shape[-2:]
         return ImageInputs(

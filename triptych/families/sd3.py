@@ -11,8 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from PIL import Image
 
-from protocol.messages import ResolvedParams
+from protocol.errors import RequestError
+from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import ENCODER
 from triptych.families.base import Tensors, TransformerFamily
 from triptych.families.samplers import FLOW_SAMPLERS
@@ -27,6 +29,18 @@ class StableDiffusion3(TransformerFamily):
     }
     optional_t5 = ("text_encoder_3", "tokenizer_3")
     samplers = (*FLOW_SAMPLERS, "flow_heun")  # its pipeline passes no custom sigmas, so Heun can run
+    img2img_pipeline = "StableDiffusion3Img2ImgPipeline"
+
+    def encode_images(
+        self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
+    ) -> ImageInputs:
+        if len(images) != 1 or mask is not None:
+            raise RequestError("image", f"{self.name} takes one init image, and no mask")
+        runner = self.pipeline_for(pipe, request.workflow)
+        # StableDiffusion3Img2ImgPipeline makes the request's size, by default the transformer's.
+        default = denoiser["sample_size"] * pipe.vae_scale_factor
+        size = {"height": request.height or default, "width": request.width or default}
+        return self.encode_img2img(runner, request, images[0], size, sample=_sd3_sample)
 
     def prepare_encoder(self, pipe: Any, model: str) -> None:
         if pipe.text_encoder_3 is not None:
@@ -62,3 +76,13 @@ class StableDiffusion3(TransformerFamily):
         # A tiny preview VAE (AutoencoderTiny) may have no shift.
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
+
+
+def _sd3_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """StableDiffusion3Img2ImgPipeline.prepare_latents' encode: a latent sample, shifted and scaled."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_latents
+
+    config = runner.vae.config
+    return (
+        retrieve_latents(runner.vae.encode(pixels), generator=generator) - config.shift_factor
+    ) * config.scaling_factor

@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 
-from protocol.messages import RequestSpec, ResolvedParams
+from protocol.errors import RequestError
+from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
 from triptych.families.base import Family, Tensors
 
@@ -23,6 +25,7 @@ from triptych.families.base import Family, Tensors
 class StableDiffusionXL(Family):
     name = "stable-diffusion-xl"
     pipelines = ("StableDiffusionXLPipeline",)
+    img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
     components = {
         ENCODER: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
         DENOISER: ("unet", "scheduler"),
@@ -36,6 +39,17 @@ class StableDiffusionXL(Family):
     def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         # Zero negatives are the denoiser's own work; sending them would only cost bytes.
         return super().uses_negative(pipe, request) and not self._zero_negative(pipe, request)
+
+    def encode_images(
+        self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
+    ) -> ImageInputs:
+        if len(images) != 1 or mask is not None:
+            raise RequestError("image", f"{self.name} takes one init image, and no mask")
+        runner = self.pipeline_for(pipe, request.workflow)
+        for side in ("height", "width"):
+            if getattr(request, side) is not None:
+                raise RequestError(side, f"{side}: {type(runner).__name__} makes the init image's size")
+        return self.encode_img2img(runner, request, images[0], {}, sample=_sdxl_sample)
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # (1, 77, 2048) and a pooled (1, 1280) for SDXL base. A negative prompt is encoded exactly
@@ -64,3 +78,22 @@ class StableDiffusionXL(Family):
         if pipe.watermark is not None:
             image = pipe.watermark.apply_watermark(image)
         return image
+
+
+def _sdxl_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """StableDiffusionXLImg2ImgPipeline.prepare_latents' encode: in float32 where the VAE must be
+    (force_upcast), then normalized per channel (latents_mean/std) or scaled."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
+
+    vae, dtype = runner.vae, pixels.dtype
+    if vae.config.force_upcast:
+        pixels = pixels.float()
+        vae.to(torch.float32)
+    latents = retrieve_latents(vae.encode(pixels), generator=generator).to(dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, latents.shape[1], 1, 1)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        return (latents - mean) * vae.config.scaling_factor / std
+    return vae.config.scaling_factor * latents
