@@ -23,6 +23,7 @@ SCRIPTS = {
     "cpu_pipeline.py": (3, "throughput, triptych / diffusers"),
     "gpu_memory.py": (9, "(a) s/image / (b) s/image"),  # three per model, three models
     "speed_options.py": (2, "the plain denoiser's speed"),
+    "vae_encode.py": (4, "VAE encode sd 64x64 float32"),
 }
 EXTRA_ARGS = {"speed_options.py": ["--skip-compile"]}  # compiling on a CPU takes minutes
 

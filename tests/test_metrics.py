@@ -239,6 +239,7 @@ def test_series_are_kept_only_for_models_a_node_serves():
 
     for identity in (ENC, DEN):  # the model's nodes leave; a restart within the grace period keeps its series
         core.handle(identity, WorkerGoodbye(), clock[0])
+    tick()
     clock[0] += SERIES_GRACE - 1
     tick()
     assert value("triptych_requests_total", model="fleeting", outcome="cancelled") == 1

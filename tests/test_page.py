@@ -96,7 +96,7 @@ def browser(profile: Path) -> Iterator:
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1280,960",
+        "--window-size=1280,1180",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
