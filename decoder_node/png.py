@@ -20,6 +20,7 @@ METADATA_KEYS = (
     "width",
     "height",
     "scheduler",
+    "loras",  # the LoRA adapters as NAME:WEIGHT, comma-separated
     "strength",  # with images in
     "image_sha256",  # the init images', comma-separated
     "mask_sha256",
@@ -30,7 +31,12 @@ METADATA_KEYS = (
 
 def encode_png(image: Image.Image, params: ResolvedParams, index: int = 0) -> bytes:
     """The image as PNG, with ``params`` in text chunks; image ``index`` of a request records its own seed."""
-    values = {**vars(params), "seed": params.seed + index, "image_sha256": ",".join(params.image_sha256) or None}
+    values = {
+        **vars(params),
+        "seed": params.seed + index,
+        "image_sha256": ",".join(params.image_sha256) or None,
+        "loras": ",".join(f"{name}:{weight:g}" for name, weight in params.loras.items()) or None,
+    }
     info = PngInfo()
     for key in METADATA_KEYS:
         if values.get(key) is not None:

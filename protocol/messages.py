@@ -67,6 +67,7 @@ class RequestSpec:
     seed: int  # image i uses seed + i
     num_images: int = 1
     scheduler: str | None = None  # a sampler name (euler_a, dpmpp_2m...); None: the checkpoint's own
+    loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight, from the nodes' --lora-dir
     preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
     # Images in (img2img, inpainting): the images themselves go only to the stage that encodes them.
     strength: float | None = None  # the pipeline's strength; None: its default
@@ -99,6 +100,7 @@ class ResolvedParams:
     height: int
     width: int
     scheduler: str = ""  # the sampler name asked for, or the checkpoint's scheduler class
+    loras: dict[str, float] = field(default_factory=dict)  # the LoRA adapters and weights it ran with
     strength: float | None = None  # with images in: the strength the pipeline ran with
     image_sha256: list[str] = field(default_factory=list)  # the init images'
     mask_sha256: str | None = None  # the inpainting mask's
@@ -145,6 +147,7 @@ class GenerateRequest(Message):
     seed: int
     num_images: int = 1
     scheduler: str | None = None  # a sampler name; None: the checkpoint's scheduler
+    loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight (at most 8)
     preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
     images: list[bytes] = field(default_factory=list)  # init images (PNG, JPEG, WebP files): img2img, inpaint
     mask: bytes | None = None  # inpainting mask (an image file): white repaints, black keeps

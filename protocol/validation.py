@@ -7,6 +7,8 @@ node that depends on them; these are the limits every model shares.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 
 from protocol.messages import GenerateRequest
 
@@ -22,11 +24,32 @@ MAX_TIMEOUT = 24 * 3600.0
 MAX_PREVIEW_BYTES = 1 << 20  # one preview PNG: a picture of the latent grid, a few KB
 MAX_INPUT_IMAGES = 8  # init images of one request (multi-image edit models take a few)
 MAX_IMAGE_BYTES = 48 << 20  # all image bytes of one request, mask included
+MAX_LORAS = 8  # LoRA adapters one request may combine
+MAX_LORA_WEIGHT = 10.0  # |weight| of one adapter; diffusers' set_adapters scale
+# An adapter is NAME.safetensors in a node's --lora-dir: a plain file name, never a path.
+LORA_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def _guidance_problem(name: str, value: float | None) -> tuple[str, str] | None:
     if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
         return name, f"{name} must be a finite number between 0 and {MAX_GUIDANCE:g} (got {value})"
+    return None
+
+
+def loras_problem(loras: Mapping[str, float]) -> tuple[str, str] | None:
+    """Bounds on a request's LoRA adapters; whether a name is in a node's folder is the node's to say."""
+    if len(loras) > MAX_LORAS:
+        return "loras", f"loras: at most {MAX_LORAS} adapters per request (got {len(loras)})"
+    for name, weight in loras.items():
+        if not isinstance(name, str) or LORA_NAME.fullmatch(name) is None:
+            return "loras", f"loras: an adapter name is 1 to 128 characters of A-Z a-z 0-9 . _ - (got {name!r})"
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not (number and math.isfinite(weight) and -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT):
+            return (
+                "loras",
+                f"loras: the weight of {name!r} must be a finite number between {-MAX_LORA_WEIGHT:g} and "
+                f"{MAX_LORA_WEIGHT:g} (got {weight!r})",
+            )
     return None
 
 
@@ -80,6 +103,8 @@ def request_error(req: GenerateRequest) -> tuple[str, str] | None:
         return "height", f"height x width must be at most {MAX_PIXELS} pixels (got {req.height * req.width})"
     if req.scheduler is not None and not 1 <= len(req.scheduler) <= 64:
         return "scheduler", "scheduler must be a sampler name of 1 to 64 characters"
+    if (problem := loras_problem(req.loras)) is not None:
+        return problem
     if req.preview_every is not None and not 0 <= req.preview_every <= MAX_STEPS:
         return "preview_every", f"preview_every must be between 0 and {MAX_STEPS} steps (got {req.preview_every})"
     if (problem := _images_problem(req)) is not None:

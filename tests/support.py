@@ -3,12 +3,16 @@ ports, and comparisons of images and Prometheus metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -147,6 +151,80 @@ def serving(log_dir: Path, models: Iterable[Path], per_kind: int = 1, **broker: 
         yield procs
     finally:
         procs.stop()
+
+
+class ResettingProxy:
+    """A TCP proxy on loopback whose :meth:`reset` drops every connection through it with a reset (RST),
+    as a network blip does: ZeroMQ reconnects, and the broker sees the client come back as a new peer."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.resets = 0
+        self._pairs: dict[socket.socket, socket.socket] = {}  # each end -> the other (pump thread only)
+        self._reset_wanted = threading.Event()
+        self._reset_done = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="proxy", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        while not self._closing.is_set():
+            if self._reset_wanted.is_set():
+                for end in list(self._pairs):
+                    self._drop(selector, end)
+                self._reset_wanted.clear()
+                self._reset_done.set()
+            for key, _ in selector.select(timeout=0.02):
+                end = key.fileobj
+                if end is self.listener:
+                    inside, _ = self.listener.accept()
+                    outside = socket.create_connection(self.upstream)
+                    self._pairs[inside], self._pairs[outside] = outside, inside
+                    selector.register(inside, selectors.EVENT_READ)
+                    selector.register(outside, selectors.EVENT_READ)
+                elif end in self._pairs:
+                    try:
+                        data = end.recv(1 << 16)
+                        if data:
+                            self._pairs[end].sendall(data)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(selector, end)
+        for end in list(self._pairs):
+            self._drop(selector, end)
+        selector.close()
+
+    def _drop(self, selector: selectors.BaseSelector, end: socket.socket) -> None:
+        """Close both ends of a connection with a reset."""
+        other = self._pairs.pop(end, None)
+        if other is not None:
+            self._pairs.pop(other, None)
+        for sock in (end, other):
+            if sock is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(sock)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+            sock.close()
+
+    def reset(self) -> None:
+        """Reset every connection now (returns once they are closed)."""
+        self._reset_done.clear()
+        self._reset_wanted.set()
+        self._reset_done.wait(timeout=5)
+        self.resets += 1
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self.listener.close()
 
 
 def max_pixel_difference(png: bytes | Path, expected: Image.Image) -> int:

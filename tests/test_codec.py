@@ -523,8 +523,13 @@ def test_decode_refuses_too_many_dims():
 
 
 @pytest.mark.parametrize("torch_tensors", [False, True], ids=["wire", "torch"])
-@pytest.mark.parametrize("shape", [[2**20, 2**20, 2**20], [0, 2**62, 2**62], [0, 2**64 - 1]], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [[2**20, 2**20, 2**20], [0, 2**62, 2**62], [0, 2**64 - 1], [0, 2**32, 2**32], [0, 2**31, 2**31, 2**31]],
+    ids=str,
+)
 def test_decode_refuses_absurd_sizes_without_allocating(shape, torch_tensors):
+    """No elements at all, or too many: either way no tensor can have these dimensions."""
     with pytest.raises(CodecError):
         codec.decode([header(tensor_ext("float32", shape, 1)), b""], torch_tensors=torch_tensors)
 

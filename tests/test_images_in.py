@@ -333,3 +333,33 @@ def test_sdxl_and_sd3_img2img_equal_diffusers(family_checkpoint, family, pipelin
         expected = _reference(pipeline_class, path, 9 + index, **kwargs)
         assert got.size == (96, 64)
         assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+def test_img2img_requests_batch_like_alone(family_checkpoint):
+    """Two img2img requests in one denoising batch: each gets what it gets alone."""
+    from decoder_node.handler import DecoderHandler
+    from protocol.messages import EncodeImagesJob
+    from protocol.stages import DECODER, DENOISER, ENCODER
+    from tests.family_parity import stage, wire
+    from triptych.families.loading import denoiser_config
+
+    path = family_checkpoint("sd")
+    encoder, denoiser, decoder = stage(path, ENCODER), stage(path, DENOISER), stage(path, DECODER)
+    images = [png_bytes(init_image()), png_bytes(init_image().transpose(Image.FLIP_LEFT_RIGHT))]
+    requests = [
+        request_spec(path.name, prompt=prompt, steps=3, seed=seed, num_images=count, images=[data], strength=0.6)
+        for prompt, seed, count, data in [(PROMPT, 3, 2, images[0]), ("a red fox", 7, 1, images[1])]
+    ]
+    handler = DecoderHandler(decoder, denoiser_config(str(path), decoder.family))
+    with torch.inference_mode():
+        jobs = []
+        for request, data in zip(requests, images, strict=True):
+            job = EncodeImagesJob(job_id="i", request_id="r", request=request, images=[data])
+            [encoded] = handler([wire(job)], None)
+            jobs.append((encoder.family.encode(encoder.pipe, request), request, wire(encoded).inputs))
+        family, pipe = denoiser.family, denoiser.pipe
+        assert len({family.batch_key(pipe, e, r, i) for e, r, i in jobs}) == 1
+        batched = family.denoise(pipe, [(e, r) for e, r, _ in jobs], lambda s, t: None, images=[i for *_, i in jobs])
+        alone = [family.denoise(pipe, [(e, r)], lambda s, t: None, images=[i])[0] for e, r, i in jobs]
+    for (together, _), (single, _) in zip(batched, alone, strict=True):
+        torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)

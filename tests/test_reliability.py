@@ -28,7 +28,11 @@ from protocol.messages import (
     ResolvedParams,
     WorkerReady,
 )
-from tests.support import ROOT, ProcessCluster, free_port, node_pid, serving
+from protocol.stages import DECODER, DENOISER, ENCODER
+from tests.fake_nodes import MODEL as FAKE
+from tests.fake_nodes import PNG as FAKE_PNG
+from tests.fake_nodes import FakeNode
+from tests.support import ROOT, ProcessCluster, ResettingProxy, free_port, node_pid, serving
 from triptych.client import Client, GenerationError
 
 pytestmark = pytest.mark.e2e
@@ -306,3 +310,121 @@ def test_up_leaves_no_orphans(checkpoints, how):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def _registrations(procs: ProcessCluster) -> int:
+    """Node registrations the broker logged, over all its lives: a node that lost the broker registers again."""
+    return sum(log.read_text().count(" registered for model ") for log in procs.log_dir.glob("broker-*.log"))
+
+
+def test_a_flood_of_nesting_bombs_holds_back_no_heartbeat(rel):
+    """4 MB frames of four million nested empty arrays, for longer than nodes wait for a heartbeat."""
+    bomb = msgpack.packb([[[] for _ in range(65535)] for _ in range(64)])
+    assert len(bomb) > 4_000_000
+    rel.wait_for({(service, MODEL): 1 for service in SERVICES})
+    before = _registrations(rel)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(rel.address)
+    sent = 0
+    with rel.client(timeout=60) as client:
+        request = threading.Thread(target=lambda: client.generate("under fire", model=MODEL, steps=2, seed=8))
+        request.start()
+        start = time.monotonic()
+        while time.monotonic() - start < 5.0:  # a node deems its broker gone after 3 s without a word
+            sock.send(bomb)
+            sent += 1
+            time.sleep(0.02)
+        request.join(timeout=60)
+        assert not request.is_alive()
+        sock.close()
+        assert len(client.generate("after the bombs", model=MODEL, steps=2, seed=9)) == 1
+    assert sent > 150
+    assert _registrations(rel) == before, rel.logs()
+
+
+def test_a_client_whose_connection_resets_mid_denoise_gets_its_image_once_without_a_rerun(rel):
+    proxy = ResettingProxy(rel.address)
+
+    def denoised() -> int:
+        return sum(n["jobs_done"] for n in rel.nodes() if (n["service"], n["model"]) == (DENOISER, MODEL))
+
+    before = denoised()
+    reset_at: list[int] = []
+
+    def on_progress(event: messages.ProgressEvent) -> None:
+        if event.stage == "denoise" and event.step >= 2 and not reset_at:
+            reset_at.append(event.step)
+            proxy.reset()  # the client's connection drops; ZeroMQ reconnects under a new identity
+
+    try:
+        with Client(proxy.address, timeout=60) as client:
+            images = client.generate("across a blip", model=MODEL, steps=40, seed=5, on_progress=on_progress)
+    finally:
+        proxy.close()
+    assert reset_at and proxy.resets == 1
+    assert len(images) == 1 and images[0].png.startswith(b"\x89PNG") and images[0].seed == 5
+    assert denoised() - before == 1  # denoised once: the resend got the result, not a second run
+
+
+def test_a_hung_denoisers_job_completes_on_a_second_denoiser(tmp_path):
+    procs = ProcessCluster(tmp_path / "logs")
+    procs.start_broker(flags=["--stall-timeout", "0.3"])  # its first job: 10 x 0.3 s without progress
+    nodes = [FakeNode(procs.address, ENCODER).start(), FakeNode(procs.address, DECODER).start()]
+    hung = FakeNode(procs.address, DENOISER, behaviour="hang").start()
+    nodes.append(hung)
+
+    def denoisers() -> list[str]:
+        return sorted(n["state"] for n in procs.nodes() if n["service"] == DENOISER)
+
+    try:
+        procs.wait_for({(service, FAKE): 1 for service in SERVICES})
+        outcome: dict = {}
+
+        def first() -> None:
+            with procs.client(timeout=60) as client:
+                outcome["images"] = client.generate("stuck", model=FAKE, seed=1)
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        assert hung.started.wait(30)  # it took the job, reported a step, and hangs; its heartbeats go on
+        healthy = FakeNode(procs.address, DENOISER).start()
+        nodes.append(healthy)
+        thread.join(timeout=60)
+        (image,) = outcome["images"]
+        assert image.png.startswith(FAKE_PNG)
+        assert hung.jobs == healthy.jobs and len(hung.jobs) == 1
+        assert denoisers() == ["idle", "stalled"]
+
+        with procs.client(timeout=60) as client:  # no new work for the stalled one
+            assert len(client.generate("next", model=FAKE, seed=2)) == 1
+        assert (len(hung.jobs), len(healthy.jobs)) == (1, 2)
+
+        hung.release.set()  # it comes back: it answers the cancel it was sent, and takes work again
+        deadline = time.monotonic() + 10
+        while denoisers() != ["idle", "idle"]:
+            assert time.monotonic() < deadline, denoisers()
+            time.sleep(0.1)
+    finally:
+        for node in nodes:
+            node.stop()
+        procs.stop()
+
+
+def test_a_request_that_kills_decoders_stops_after_two_of_them(tmp_path):
+    procs = ProcessCluster(tmp_path / "logs")
+    procs.start_broker()
+    nodes = [FakeNode(procs.address, ENCODER).start(), FakeNode(procs.address, DENOISER).start()]
+    fake_decoder = ["tests.fake_nodes", DECODER, "--broker", procs.address, "--behaviour", "exit"]
+    decoders = [procs._spawn("fake-decoder", fake_decoder) for _ in range(3)]
+    try:
+        procs.wait_for({(ENCODER, FAKE): 1, (DENOISER, FAKE): 1, (DECODER, FAKE): 3})
+        with procs.client(timeout=60) as client, pytest.raises(GenerationError) as failed:
+            client.generate("poison", model=FAKE, seed=1)
+        assert str(failed.value) == "this request made two decoder nodes exit"
+        assert (failed.value.code, failed.value.retryable) == (errors.MODEL_ERROR, False)
+        assert [process.poll() is None for process in decoders].count(True) == 1  # the third never got it
+    finally:
+        for node in nodes:
+            node.stop()
+        procs.stop()

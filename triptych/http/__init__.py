@@ -14,7 +14,8 @@ the HTTP client goes away, the call's cancel event is set and the broker drops t
 
 Modules: ``params`` (request bodies), ``errors`` (OpenAI's error shape, failure codes to statuses),
 ``pool`` (broker connections), ``models`` (what the broker serves), ``store`` (PNGs behind URLs),
-``auth`` (API keys), ``app`` (routes), ``server`` (the ``triptych http`` command).
+``auth`` (API keys), ``app`` (routes), ``streaming`` (server-sent events), ``page`` (the page at ``/``,
+its files in ``static/``), ``a1111`` (AUTOMATIC1111's ``/sdapi/v1``), ``server`` (the ``triptych http`` command).
 """
 
 from __future__ import annotations
