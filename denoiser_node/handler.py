@@ -11,13 +11,18 @@ from denoiser_node.previews import PreviewRequest, StepPreviews
 from protocol.messages import DenoisedLatents, DenoiseJob
 from protocol.worker import ProgressFn
 from triptych.families.loading import LoadedStage
+from triptych.families.lora import LoraAdapters
 
 logger = logging.getLogger(__name__)
 
 
 class DenoiserHandler:
-    def __init__(self, stage: LoadedStage) -> None:
+    """``adapters``: the LoRA adapters of ``--lora-dir``, activated for each batch (None: requests
+    naming adapters are refused)."""
+
+    def __init__(self, stage: LoadedStage, adapters: LoraAdapters | None = None) -> None:
         self.stage = stage
+        self.adapters = adapters
         self.images = 0
         self.batches = 0
 
@@ -31,7 +36,9 @@ class DenoiserHandler:
         with torch.inference_mode():
             batch = [(job.embeds, job.request) for job in jobs]
             images = [job.images for job in jobs]
-            results = family.denoise(pipe, batch, previews.step, images=images, on_latents=previews.keep)
+            results = family.denoise(
+                pipe, batch, previews.step, images=images, on_latents=previews.keep, adapters=self.adapters
+            )
         self.batches += 1
         self.images += sum(job.request.num_images for job in jobs)
         # Per request: (num_images, C, h, w) for UNets and DiTs; family-specific for packed latents.
@@ -48,4 +55,5 @@ class DenoiserHandler:
         return PreviewRequest(request.num_images, request.preview_every, params.height, params.width)
 
     def stats(self) -> dict:
-        return {"images": self.images, "batches": self.batches}
+        stats = {"images": self.images, "batches": self.batches}
+        return stats | (self.adapters.stats() if self.adapters is not None else {})

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from protocol.stages import DENOISER
+from triptych.families.lora import adapters_from_args, add_lora_arguments
 from triptych.node_runner import NodeContext, NodeService, NodeStartError, run_node
 
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a batch waits for compatible requests to join it (default 20 ms)",
     )
     add_speed_arguments(parser)
+    add_lora_arguments(parser, hotswap=True)
 
 
 def build(node: NodeContext) -> NodeService:
@@ -35,11 +37,17 @@ def build(node: NodeContext) -> NodeService:
         raise NodeStartError(f"--batch-window-ms must be 0 or more (got {args.batch_window_ms:g})")
     stage = node.load()
     name = stage.family.denoiser_attr
+    adapters = adapters_from_args(args, stage.pipe, (name,))
+    if adapters is not None and args.compile:
+        adapters.enable_hotswap(args.lora_max_rank)  # before compiling: swapping adapters then keeps the graph
     setattr(stage.pipe, name, apply_to_denoiser(getattr(stage.pipe, name), node.device, SpeedOptions.from_args(args)))
-    handler = DenoiserHandler(stage)
+    handler = DenoiserHandler(stage, adapters)
+    info = node.info() | {"max_batch": args.max_batch, "samplers": list(stage.family.samplers)}
+    if adapters is not None:
+        info["loras"] = adapters.folder.names()  # as at start; requests may name files added since
     return NodeService(
         handler=handler,
-        info=node.info() | {"max_batch": args.max_batch, "samplers": list(stage.family.samplers)},
+        info=info,
         capacity=2 * args.max_batch,  # the next batch waits here while this one runs
         max_batch=args.max_batch,
         batch_window=args.batch_window_ms / 1000,

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from protocol.messages import ProgressEvent, StatusReply
+from tests.family_parity import pipeline
 from tests.support import serving_app
-from triptych.client import GeneratedImage
+from triptych.client import GeneratedImage, GenerationCancelled
 from triptych.families.samplers import FLOW_SAMPLERS, NOISE_SAMPLERS, SAMPLERS
 from triptych.http import ApiError, create_app
 from triptych.http.a1111 import parse_txt2img, sampler_for
@@ -143,8 +144,6 @@ class SlowClient:
             if cancel.wait(0.01) or options.get("steps") == 1:
                 break
         if cancel.is_set():
-            from triptych.client import GenerationCancelled
-
             raise GenerationCancelled()
         params = {"width": 8, "height": 8, "steps": 1, "guidance": 7.5, "scheduler": "PNDMScheduler", "model": model}
         return [GeneratedImage(index=i, seed=seed + i, png=b"png", params=params) for i in range(num_images)]
@@ -251,8 +250,6 @@ def test_txt2img_answers_images_parameters_and_info_as_the_web_ui_does():
 def _diffusers_euler_a(path, seed: int, **kwargs) -> Image.Image:
     """diffusers' own pipeline with Euler a swapped in as its users do, then put back."""
     from diffusers import EulerAncestralDiscreteScheduler
-
-    from tests.family_parity import pipeline
 
     pipe = pipeline(path)
     original = pipe.scheduler

@@ -76,3 +76,31 @@ def test_a_bad_node_flag_is_named_at_start(tmp_path):
     )
     assert result.returncode == 2
     assert "--max-batch must be at least 1" in result.stderr
+
+
+def test_a_request_for_no_images_is_refused_at_once_naming_the_option():
+    """Refused by the client itself: no broker is even listening."""
+    command = [sys.executable, "-m", "triptych", "generate", "p", "--num-images", "0", "--broker", "tcp://127.0.0.1:9"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "--num-images: num_images must be between 1 and" in result.stderr
+
+
+def test_a_broker_reachable_from_elsewhere_without_curve_warns(tmp_path):
+    from tests.support import free_port
+
+    def stderr_of(bind: str) -> str:
+        command = [sys.executable, "-m", "triptych", "broker", "--bind", bind, "--log-level", "WARNING"]
+        broker = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            lines = [broker.stderr.readline()]  # "broker listening on ..."
+            if "127.0.0.1" not in bind:
+                lines.append(broker.stderr.readline())
+        finally:
+            broker.terminate()
+            lines.append(broker.communicate(timeout=15)[1])
+        return "".join(lines)
+
+    exposed = stderr_of(f"tcp://0.0.0.0:{free_port()}")
+    assert "warning:" in exposed and "CURVE is off" in exposed
+    assert "warning" not in stderr_of(f"tcp://127.0.0.1:{free_port()}")

@@ -634,3 +634,40 @@ def test_property_mutated_messages_decode_or_raise_codec_error(frames):
 def test_property_random_bytes_decode_or_raise_codec_error(first, rest):
     with contextlib.suppress(CodecError):  # anything else fails the test
         codec.decode([first, *rest])
+
+
+# --- work per message -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        msgpack.packb([[[] for _ in range(65535)] for _ in range(64)]),  # four million empty arrays
+        msgpack.packb([list(range(65535)) for _ in range(64)]),  # four million small integers
+        b"\x91" * 4_000_000,  # four million arrays, each inside the one before
+    ],
+    ids=["nested-empty-arrays", "flat-integers", "deep"],
+)
+def test_a_4mb_bomb_costs_the_broker_under_50ms_to_refuse(bomb):
+    import time
+
+    from protocol import messages
+
+    def refuse() -> float:  # what the broker runs on a frame: decode it, then look for a job to fail
+        started = time.perf_counter()
+        with pytest.raises(CodecError, match="refused before decoding"):
+            messages.from_frames([bomb])
+        assert messages.job_of([bomb]) is None
+        return time.perf_counter() - started
+
+    assert len(bomb) >= 4_000_000
+    assert min(refuse() for _ in range(3)) < 0.05
+
+
+def test_a_document_within_the_budget_decodes():
+    from protocol.budget import MAX_OBJECTS
+
+    values = [[i, str(i), None] for i in range((MAX_OBJECTS - 2) // 4)]  # 1 + 4 per item, under the bound
+    assert codec.decode([msgpack.packb({"values": values})]) == {"values": values}
+    with pytest.raises(CodecError, match="more than"):
+        codec.decode([msgpack.packb({"values": [*values, [0, "", None]] * 2})])

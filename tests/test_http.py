@@ -40,6 +40,8 @@ from triptych.http import (
     parse_generation,
     read_api_keys,
 )
+from triptych.http.admission import TakeTurns
+from triptych.http.connections import server_config
 
 PROMPT = "a red fox in the snow, photo"
 NEGATIVE = "blurry, low quality"
@@ -240,12 +242,12 @@ class FakeClient:
 
 
 @contextlib.contextmanager
-def in_process(app) -> Iterator[str]:
-    """``app`` on uvicorn in this process; yields its base URL."""
+def in_process(app, **options) -> Iterator[str]:
+    """``app`` on uvicorn in this process, configured as ``triptych http`` runs it; yields its base URL."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -515,3 +517,90 @@ def test_a_model_card_lists_the_samplers_its_denoiser_accepts(gateway):
     with urllib.request.urlopen(f"{gateway}/v1/models/sd-tiny", timeout=30) as response:
         card = json.loads(response.read())
     assert card["id"] == "sd-tiny" and "euler_a" in card["samplers"] and "flow_euler" not in card["samplers"]
+
+
+# --- slow clients and greedy keys -------------------------------------------------------------
+
+
+def test_half_open_connections_do_not_stop_the_models_route_and_are_closed_in_time():
+    import socket
+
+    app = create_app("tcp://unused:1", client_factory=FakeClient, body_timeout=1.0)
+    with in_process(app, header_timeout=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = []
+        for i in range(200):
+            sock = socket.create_connection((host, int(port)))
+            if i % 2:  # a head, and a body that never comes
+                body = b'{"prompt": "p"'
+                head = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                sock.sendall(head + body)
+            else:  # a head that never ends
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(sock)
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+            assert [card["id"] for card in json.loads(response.read())["data"]] == ["m"]
+        assert time.monotonic() - started < 2
+
+        deadline = time.monotonic() + 6  # each is dropped about a second after it stalled
+        answers = []
+        for sock in stalled:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            received = b""
+            while chunk := sock.recv(65536):  # a timeout here (the server kept it) fails the test
+                received += chunk
+            answers.append(received.split(b"\r\n", 1)[0])
+            sock.close()
+        assert set(answers[0::2]) == {b""}  # closed without a word: no request ever came
+        assert set(answers[1::2]) == {b"HTTP/1.1 408 Request Timeout"}
+
+
+def test_generation_slots_go_to_api_keys_in_turns():
+    order: list[str] = []
+
+    async def main() -> None:
+        turns = TakeTurns(slots=1)
+        gate = anyio.Event()
+
+        async def call(tenant: str, name: str) -> None:
+            async with turns.turn(tenant):
+                order.append(name)
+                await gate.wait()
+
+        async with anyio.create_task_group() as tasks:
+            for name in ("a0", "a1", "a2", "a3"):  # key a sends four, then key b one
+                tasks.start_soon(call, "a", name)
+                await anyio.sleep(0.01)
+            tasks.start_soon(call, "b", "b0")
+            await anyio.sleep(0.01)
+            assert (order, turns.waiting()) == (["a0"], 4)
+            gate.set()
+
+    anyio.run(main)
+    assert order == ["a0", "a1", "b0", "a2", "a3"]  # b's first waits for one of a's, not for all of them
+
+
+def test_a_caller_that_gives_up_waiting_passes_its_turn_on():
+    order: list[str] = []
+
+    async def main() -> None:
+        turns = TakeTurns(slots=1)
+        release = anyio.Event()
+
+        async def call(tenant: str, name: str) -> None:
+            async with turns.turn(tenant):
+                order.append(name)
+                await release.wait()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(call, "a", "a0")
+            await anyio.sleep(0.01)
+            with anyio.move_on_after(0.05):  # b's client leaves before its turn comes
+                await call("b", "b0")
+            tasks.start_soon(call, "c", "c0")
+            await anyio.sleep(0.01)
+            release.set()
+
+    anyio.run(main)
+    assert order == ["a0", "c0"]

@@ -1,4 +1,4 @@
-"""CURVE: an authorized key is served; an unknown key or no key gets nothing processed."""
+"""CURVE: an authorized key is served in its role only; an unknown key or no key gets nothing processed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protocol.messages import SERVICES
-from protocol.security import Curve, generate_keys
+from protocol.security import Curve, KeyFileError, generate_keys
 from tests.support import ROOT, ProcessCluster, free_port
 from triptych.client import Client, GenerationError
 
@@ -23,20 +23,23 @@ MODEL = "sd-tiny"
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> Path:
+    """node may register as a node, alice may send requests (both, in authorized/); mallory may do neither."""
     folder = tmp_path_factory.mktemp("keys")
-    authorized = folder / "authorized"
-    authorized.mkdir()
     for name in ("broker", "node", "alice", "mallory"):
         generate_keys(folder, name)
-    for name in ("node", "alice"):
-        shutil.copy(folder / f"{name}.key", authorized / f"{name}.key")
+    for subfolder, names in (("authorized", ("node", "alice")), ("nodes", ("node",)), ("clients", ("alice",))):
+        (folder / subfolder).mkdir()
+        for name in names:
+            shutil.copy(folder / f"{name}.key", folder / subfolder / f"{name}.key")
     return folder
 
 
 @pytest.fixture(scope="module")
 def secure(checkpoints, keys, tmp_path_factory) -> Iterator[ProcessCluster]:
+    """A broker that admits node's key as a node and alice's as a client, and nodes with node's key."""
     procs = ProcessCluster(tmp_path_factory.mktemp("curve-logs"))
-    broker_flags = ["--curve-secret", str(keys / "broker.key_secret"), "--curve-authorized", str(keys / "authorized")]
+    broker_flags = ["--curve-secret", str(keys / "broker.key_secret")]
+    broker_flags += ["--curve-nodes", str(keys / "nodes"), "--curve-clients", str(keys / "clients")]
     procs._spawn("broker", ["triptych", "broker", "--bind", procs.address, *broker_flags])
     node_flags = ["--curve-secret", str(keys / "node.key_secret"), "--curve-broker", str(keys / "broker.key")]
     try:
@@ -90,22 +93,52 @@ def test_no_key_is_refused(secure):
     assert "did not answer" in result.stderr
 
 
-def test_unknown_key_cannot_register_as_a_node(secure, keys, checkpoints):
-    """A node with an unauthorized key never shows up in the broker's list."""
-    flags = ["--curve-secret", str(keys / "mallory.key_secret"), "--curve-broker", str(keys / "broker.key")]
-    intruder = secure.start_node("decoder", checkpoints[MODEL], *flags, "--name", "intruder")
+def test_neither_an_unknown_key_nor_a_client_key_can_register_as_a_node(secure, keys, checkpoints):
+    """A node with an unauthorized key, or with a key admitted only as a client, never shows up in the broker's list."""
+    intruders = {}
+    for key, name in (("mallory", "intruder"), ("alice", "client-posing")):
+        flags = ["--curve-secret", str(keys / f"{key}.key_secret"), "--curve-broker", str(keys / "broker.key")]
+        intruders[name] = secure.start_node("decoder", checkpoints[MODEL], *flags, "--name", name)
     try:
         deadline = time.monotonic() + 120
-        while not any("serving model intruder" in log.read_text() for log in secure.log_dir.glob("decoder-*.log")):
-            assert time.monotonic() < deadline and intruder.poll() is None, secure.logs()
-            time.sleep(0.3)
+        for name, intruder in intruders.items():
+            while not any(f"serving model {name}" in log.read_text() for log in secure.log_dir.glob("decoder-*.log")):
+                assert time.monotonic() < deadline and intruder.poll() is None, secure.logs()
+                time.sleep(0.3)
         time.sleep(3)  # several registration attempts and heartbeats
         curve = Curve(secret_file=keys / "alice.key_secret", broker_public_file=keys / "broker.key")
         with Client(secure.address, curve=curve) as client:
-            assert "intruder" not in {n["model"] for n in client.status().nodes}
+            assert not {"intruder", "client-posing"} & {n["model"] for n in client.status().nodes}
+        broker_log = next(secure.log_dir.glob("broker-*.log")).read_text()
+        assert "refusing ready" in broker_log  # the client key got through CURVE: its roles stopped it
     finally:
-        intruder.terminate()
-        intruder.wait(timeout=15)
+        for intruder in intruders.values():
+            intruder.terminate()
+            intruder.wait(timeout=15)
+
+
+def test_a_node_key_cannot_send_requests(secure, keys):
+    flags = ("--curve-secret", str(keys / "node.key_secret"), "--curve-broker", str(keys / "broker.key"))
+    result = _generate(secure, *flags, timeout="4")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "did not answer" in result.stderr
+    assert "refusing generate" in next(secure.log_dir.glob("broker-*.log")).read_text()
+
+
+def test_a_key_file_is_written_readable_by_its_owner_from_the_start(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)  # nothing may narrow it afterwards
+    old = os.umask(0o022)
+    try:
+        public, secret = generate_keys(tmp_path, "me")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    with pytest.raises(KeyFileError, match="already exists"):
+        generate_keys(tmp_path, "me")  # a key pair is never replaced
 
 
 def test_up_with_curve_serves_authorized_clients_only(checkpoints, keys, tmp_path):

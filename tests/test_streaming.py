@@ -16,8 +16,11 @@ import pytest
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
-from protocol.messages import ProgressEvent
-from triptych.client import GeneratedImage
+from protocol import errors
+from protocol.messages import ProgressEvent, StatusReply
+from tests.support import serving_app
+from triptych.client import GeneratedImage, GenerationError
+from triptych.http import create_app
 from triptych.http.streaming import OpenAIEvents, ProgressEvents, sse
 
 PROMPT = "a red fox in the snow, photo"
@@ -176,3 +179,31 @@ def test_a_stream_whose_client_hangs_up_cancels_the_work(gateway, cluster):
     while in_flight() != 0:
         assert time.monotonic() < deadline, "the request kept running after the client left"
         time.sleep(0.1)
+
+
+class FailsMidway:
+    """A broker connection serving "m" whose generate reports one step with a preview, then fails."""
+
+    def status(self, timeout: float = 5.0) -> StatusReply:
+        return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1"}])
+
+    def generate(self, prompt: str, *, on_progress=None, **options) -> list:
+        if on_progress is not None:
+            on_progress(preview(2, 4))
+        raise GenerationError("denoise on h:1 failed: out of memory", code=errors.OUT_OF_MEMORY)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event_the_sdk_raises():
+    with serving_app(create_app("tcp://unused:1", client_factory=FailsMidway)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        stream = client.images.generate(
+            prompt=PROMPT, stream=True, partial_images=1, extra_body={"num_inference_steps": 4}
+        )
+        first = next(iter(stream))
+        assert first.type == "image_generation.partial_image" and base64.b64decode(first.b64_json) == b"png 0 at 2"
+        with pytest.raises(openai.APIError, match="out of memory") as caught:
+            list(stream)
+        assert caught.value.code == "out_of_memory"

@@ -201,7 +201,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, f
     elif shape == "diamond":
         draw.polygon(_polygon(x, y, [1.1 * r, 0.8 * r] * 2), fill=fill)
     elif shape == "cross":
-        w = 0.35 * r
+        w = 0.45 * r
         draw.rectangle((x - r, y - w, x + r, y + w), fill=fill)
         draw.rectangle((x - w, y - r, x + w, y + r), fill=fill)
     else:

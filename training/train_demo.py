@@ -4,9 +4,10 @@
 
 Three stages, each small enough for a laptop CPU:
 
-1. A tiny KL autoencoder (four blocks, so 128 px images become 16×16×4 latents) learns to
-   reconstruct the flat-colour scenes. It trains on 64 px crops: it is fully convolutional,
-   so crops teach it the same edges at a quarter of the cost.
+1. A tiny KL autoencoder (four blocks, so 128 px images become 16×16×4 latents) starts as a
+   pixel-art codec set by hand (``training.flat_vae``: each latent is the colour of one pixel of
+   its 8×8 block) and its decoder is fine-tuned on 64 px crops to sharpen edges; it is fully
+   convolutional, so crops teach it the same edges at a quarter of the cost.
 2. A fixed set of scenes is drawn and encoded once; the denoiser then trains on latents only.
 3. A small CLIP text encoder and a small UNet train together from scratch: v-prediction on a
    zero-terminal-SNR schedule (so pure noise at inference matches the noisiest training step and
@@ -21,12 +22,14 @@ scheduler (trailing timesteps) and ``training.json`` recording every setting and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from training.scenes import IMAGE_SIZE, held_out_triples, render, training_example
+from training.flat_vae import PIXEL_IN_BLOCK, init_pixel_art
+from training.scenes import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, held_out_triples, render, training_example
 from training.tokenizer import build_tokenizer
 
 # The noise schedule of training and inference: SD's scaled-linear betas, rescaled so the last step is pure noise.
@@ -56,12 +60,11 @@ class Settings:
 
     seed: int = 0
     threads: int = 1  # torch threads; one avoids thrashing on a busy machine
-    vae_steps: int = 500
+    vae_steps: int = 300  # decoder fine-tuning steps, from the pixel-art codec
     vae_batch: int = 8
     vae_crop: int = 64  # pixels; a multiple of 8
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-5
-    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    vae_lr: float = 1e-4
+    vae_channels: tuple[int, ...] = (16, 16, 16, 16)
     examples: int = 12000  # scenes drawn and encoded once for the denoiser
     steps: int = 2000  # denoiser optimisation steps
     batch: int = 32
@@ -73,12 +76,13 @@ class Settings:
     text_layers: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 64)
     log_every: int = 50
+    snapshot_every: int = 0  # if > 0, also write the EMA weights every this many steps, to watch a long run
 
 
 # --- the networks -------------------------------------------------------------------------------
 
 
-def make_vae(s: Settings, groups: int = 2) -> AutoencoderKL:
+def make_vae(s: Settings) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -86,7 +90,7 @@ def make_vae(s: Settings, groups: int = 2) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=s.vae_channels,
         layers_per_block=1,
-        norm_num_groups=groups,
+        norm_num_groups=1,  # one group, so the pixel-art codec's constant channel steadies every norm
         latent_channels=4,
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,  # flat colours need no global attention; it would also tie the VAE to one size
@@ -120,7 +124,7 @@ def make_unet(s: Settings) -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=s.unet_channels,
         layers_per_block=1,
-        norm_num_groups=32,
+        norm_num_groups=8,  # 4 channels a group at the top level, so a flat colour survives the norms
         cross_attention_dim=s.text_width,
         attention_head_dim=4,  # SD1.5's quirk: this is the number of heads
     )
@@ -152,22 +156,26 @@ def random_crops(images: torch.Tensor, size: int, rng: random.Random) -> torch.T
 
 
 def train_vae(s: Settings, rng: random.Random, log: Progress) -> AutoencoderKL:
-    vae = make_vae(s)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.vae_lr, total_steps=max(s.vae_steps, 2), pct_start=0.1)
+    """The pixel-art codec, its decoder then fine-tuned to draw sharper edges than 8×8 blocks.
+
+    The encoder stays as set, so latents remain exact palette colours the UNet can learn quickly.
+    """
+    vae = init_pixel_art(make_vae(s))
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=s.vae_lr)
     for step in range(1, s.vae_steps + 1):
         images = to_tensor([render(training_example(rng)[0]) for _ in range(s.vae_batch)])
         x = random_crops(images, s.vae_crop, rng)  # (B, 3, crop, crop)
-        posterior = vae.encode(x).latent_dist
-        # The mean, not a sample: with a tiny KL weight the posterior's noise only slows learning.
-        reconstruction = vae.decode(posterior.mode()).sample
-        mse = F.mse_loss(reconstruction, x)
-        loss = mse + s.vae_kl_weight * posterior.kl().mean()
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mode()  # (B, 4, crop / 8, crop / 8)
+        mse = F.mse_loss(vae.decode(latents).sample, x)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mse.backward()
         optimizer.step()
-        schedule.step()
         log.step("vae", step, s.vae_steps, mse=mse.item())
+    vae.requires_grad_(False)
     vae.eval()
     return vae
 
@@ -177,12 +185,23 @@ def train_vae(s: Settings, rng: random.Random, log: Progress) -> AutoencoderKL:
 
 @torch.no_grad()
 def encode_examples(s: Settings, vae: AutoencoderKL, rng: random.Random, log: Progress) -> tuple[torch.Tensor, list]:
-    """Draw ``s.examples`` scenes; return their unscaled latents (N, 4, 16, 16) and their prompts."""
-    latents, prompts, chunk = [], [], 64
+    """Draw ``s.examples`` scenes; return their unscaled latents (N, 4, 16, 16) and their prompts.
+
+    The encoder is the pixel-art codec's, untouched by training, so a latent is the pixel it
+    samples; reading those pixels directly is much faster than running the encoder on every
+    image, and the first chunk checks that both agree.
+    """
+    latents, prompts, chunk = [], [], 256
     for start in range(0, s.examples, chunk):
         batch = [training_example(rng) for _ in range(min(chunk, s.examples - start))]
         prompts += [prompt for _, prompt in batch]
-        latents.append(vae.encode(to_tensor([render(scene) for scene, _ in batch])).latent_dist.mean)
+        images = to_tensor([render(scene) for scene, _ in batch])  # (B, 3, 128, 128)
+        sampled = F.pad(images[:, :, PIXEL_IN_BLOCK::8, PIXEL_IN_BLOCK::8], (0, 0, 0, 0, 0, 1))  # (B, 4, 16, 16)
+        if start == 0:
+            encoded = vae.encode(images[:16]).latent_dist.mode()
+            if not torch.allclose(encoded, sampled[:16], atol=1e-2):
+                raise RuntimeError("the encoder no longer samples one pixel per block")
+        latents.append(sampled)
         log.step("encode", min(start + chunk, s.examples), s.examples)
     return torch.cat(latents), prompts
 
@@ -204,8 +223,10 @@ class Ema:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
 
     @torch.no_grad()
-    def copy_to_modules(self) -> None:
-        for param, shadow in zip(self.params, self.shadow, strict=True):
+    def copy_to(self, modules: list[torch.nn.Module] | None = None) -> None:
+        """Load the averages into the tracked modules, or into same-shaped ``modules``."""
+        params = self.params if modules is None else [p for m in modules for p in m.parameters()]
+        for param, shadow in zip(params, self.shadow, strict=True):
             param.copy_(shadow)
 
 
@@ -224,6 +245,7 @@ def train_denoiser(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
     log: Progress,
+    snapshot: Callable[[Ema, int], None] | None = None,
 ) -> None:
     """Joint v-prediction training of ``text_encoder`` and ``unet`` on scaled latents; leaves them at their EMA."""
     noise_schedule = DDPMScheduler(**SCHEDULE)
@@ -257,7 +279,9 @@ def train_denoiser(
         schedule.step()
         ema.update(step)
         log.step("denoiser", step, s.steps, loss=loss.item())
-    ema.copy_to_modules()
+        if snapshot is not None and s.snapshot_every and step % s.snapshot_every == 0 and step < s.steps:
+            snapshot(ema, step)
+    ema.copy_to()
 
 
 # --- driving it --------------------------------------------------------------------------------
@@ -313,11 +337,22 @@ def train(s: Settings, out: Path) -> StableDiffusionPipeline:
     text_encoder.train()
     unet.train()
     ids, empty_ids = token_ids(tokenizer, prompts), token_ids(tokenizer, [""])
-    train_denoiser(s, raw * scale, ids, empty_ids, text_encoder, unet, log)
-    text_encoder.eval()
-    unet.eval()
 
-    pipe = StableDiffusionPipeline(
+    def snapshot(ema: Ema, step: int) -> None:
+        copies = [copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()]
+        ema.copy_to(copies)
+        save(assemble(vae, tokenizer, *copies), s, out.with_name(f"{out.name}-step{step}"), time.monotonic() - started)
+
+    train_denoiser(s, raw * scale, ids, empty_ids, text_encoder, unet, log, snapshot)
+    pipe = assemble(vae, tokenizer, text_encoder.eval(), unet.eval())
+    save(pipe, s, out, time.monotonic() - started)
+    return pipe
+
+
+def assemble(
+    vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -327,8 +362,6 @@ def train(s: Settings, out: Path) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    save(pipe, s, out, time.monotonic() - started)
-    return pipe
 
 
 def save(pipe: StableDiffusionPipeline, s: Settings, out: Path, seconds: float) -> None:
@@ -341,6 +374,12 @@ def save(pipe: StableDiffusionPipeline, s: Settings, out: Path, seconds: float) 
         "settings": dataclasses.asdict(s),
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
+        "world": {
+            "shapes": list(SHAPES),
+            "colours": list(COLOURS),
+            "positions": list(POSITIONS),
+            "example": "a small yellow star in the top left on a dark blue background",
+        },
         "held_out_triples": sorted(map(list, held_out_triples())),
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -35,6 +35,7 @@ from protocol.messages import (
 )
 from protocol.security import Curve
 from protocol.sockets import connect_dealer
+from protocol.validation import request_error
 from triptych.flags import DEFAULT_BROKER
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ class Client:
             timeout=self.timeout if timeout is None else timeout,
             user=user,
         )
+        if (problem := request_error(request)) is not None:  # refused at once, as the broker would refuse it
+            bad_field, error = problem
+            raise GenerationError(error, code=errors.INVALID_REQUEST, field=bad_field)
         try:
             return self._run(request, on_progress, cancel, on_image)
         except BaseException:

@@ -15,7 +15,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
@@ -23,7 +23,11 @@ from PIL import Image
 from protocol.errors import RequestError
 from protocol.messages import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
+from triptych.families.lora import lora_key
 from triptych.families.samplers import FLOW_SAMPLERS, NOISE_SAMPLERS, SAMPLERS
+
+if TYPE_CHECKING:
+    from triptych.families.lora import LoraAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +333,7 @@ class Family:
             height=height if images is not None else (request.height or height),
             width=width if images is not None else (request.width or width),
             scheduler=self.sampler(pipe, request),
+            loras=dict(lora_key(request.loras)),
             strength=self.strength(pipe, request),
             image_sha256=list(request.image_sha256),
             mask_sha256=request.mask_sha256,
@@ -350,7 +355,7 @@ class Family:
         shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
         inputs = () if images is None else tuple(sorted((k, tuple(t.shape[1:])) for k, t in images.tensors.items()))
         settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler)
-        return (*settings, request.workflow, params.strength, shapes, inputs)
+        return (*settings, request.workflow, params.strength, shapes, inputs, lora_key(request.loras))
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         """Stack each request's embeddings (batch of one), repeated once per image it asked for."""
@@ -374,14 +379,33 @@ class Family:
         on_step: StepFn,
         images: list[ImageInputs | None] | None = None,
         on_latents: LatentsFn | None = None,
+        adapters: LoraAdapters | None = None,
     ) -> list[tuple[torch.Tensor, ResolvedParams]]:
         """Requests with one batch key -> per request, latents (num_images, C, h, w) on CPU and params.
 
         Image i of a request with seed S uses its own generator seeded S + i, so batching changes
         nothing in the result. With images in (``images``, one per request), each generator goes on
-        from where the image encoder's sampling left it.
+        from where the image encoder's sampling left it. ``adapters`` activates each request's LoRA
+        adapters; requests with different ones (which the batch key keeps apart) run one set after
+        another, without previews.
         """
         images = images or [None] * len(batch)
+        groups: dict[tuple, list[int]] = {}
+        for index, (_, request) in enumerate(batch):
+            groups.setdefault(lora_key(request.loras), []).append(index)
+        if len(groups) > 1:
+            results: list[Any] = [None] * len(batch)
+            for indices in groups.values():
+                part = self.denoise(
+                    pipe, [batch[i] for i in indices], on_step, images=[images[i] for i in indices], adapters=adapters
+                )
+                for i, result in zip(indices, part, strict=True):
+                    results[i] = result
+            return results
+        if adapters is not None:
+            adapters.activate(batch[0][1].loras)
+        elif batch[0][1].loras:
+            raise RequestError("loras", f"this {self.name} denoiser serves no LoRA adapters (it has no --lora-dir)")
         params = [
             self.resolve_params(pipe, request, inputs) for (_, request), inputs in zip(batch, images, strict=True)
         ]

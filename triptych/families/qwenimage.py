@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
+from triptych.families.lora import lora_key
 
 # Each embedding that may be padded in a batch, and the mask that says which positions are real.
 _MASKS = {"prompt_embeds": "prompt_embeds_mask", "negative_prompt_embeds": "negative_prompt_embeds_mask"}
@@ -75,7 +76,8 @@ class QwenImage(TransformerFamily):
         # As the default, but without the sequence length: batch_embeds pads prompts to one length.
         params = self.resolve_params(pipe, request)
         widths = tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
-        return (params.steps, params.guidance, params.true_cfg, params.height, params.width, widths)
+        settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width)
+        return (*settings, widths, lora_key(request.loras))
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         padded: Tensors = {}

@@ -1,8 +1,11 @@
 """The gateway's routes: OpenAI's models and images endpoints, each served by one blocking client call
 (AUTOMATIC1111's are in ``a1111``, the page's files in ``page``, the event streams in ``streaming``).
 
-A call runs on a worker thread (at most ``max_in_flight`` at once) with a broker connection of its
-own; when the HTTP client hangs up, the call's cancel event is set and the broker drops the work.
+A call runs on a worker thread (at most ``max_in_flight`` generation calls at once, admitted in
+turns per API key; status and model lists have slots of their own, so they answer while every
+generation slot is taken) with a broker connection of its own; when the HTTP client hangs up, the
+call's cancel event is set and the broker drops the work. A request body must arrive in time
+(:mod:`triptych.http.connections`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from starlette.routing import Route
 from protocol.messages import StatusReply
 from triptych.client import Client, GeneratedImage, GenerationError
 from triptych.http import a1111, page
+from triptych.http.admission import TakeTurns
 from triptych.http.auth import RequireApiKey
+from triptych.http.connections import BODY_TIMEOUT, BodyDeadline
 from triptych.http.edits import parse_edit
 from triptych.http.errors import HANDLERS, ApiError, error_from_failure
 from triptych.http.models import ModelCatalog
@@ -39,6 +44,7 @@ from triptych.status import status_dict
 logger = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64  # generate calls running at once (each holds a thread); more wait their turn
+LIGHT_CALLS = 8  # status and model-list calls running at once, beside the generate calls
 
 
 class Gateway:
@@ -51,23 +57,43 @@ class Gateway:
         self.store = store or ImageStore()
         self.max_in_flight = max_in_flight
         self.started = int(time.time())
-        self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop, at startup
+        self.turns = TakeTurns(max_in_flight)  # generation calls, in turns per API key
+        self.limiter: anyio.CapacityLimiter | None = None  # threads for all calls; made in the event loop
+        self.light: anyio.CapacityLimiter | None = None  # status and model-list calls
         self.models = ModelCatalog(pool, self._call)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.limiter = anyio.CapacityLimiter(self.max_in_flight)
+        self.limiter = anyio.CapacityLimiter(self.max_in_flight + LIGHT_CALLS)
+        self.light = anyio.CapacityLimiter(LIGHT_CALLS)
         try:
             yield
         finally:
             self.pool.close()
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
+    async def _call(self, fn: Callable[[], Any], tenant: str | None = None) -> Any:
+        """Run a blocking client call on a worker thread: a generation call for ``tenant`` (an API key)
+        when it has its turn, any other call (``tenant`` None) within the light calls' cap."""
+        if tenant is None:
+            assert self.light is not None
+            async with self.light:
+                return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
+        async with self.turns.turn(tenant):
+            return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run a blocking function (a client call) on a worker thread, within the cap on calls at once."""
-        return await self._call(fn)
+    async def call(self, fn: Callable[[], Any], tenant: str | None = None) -> Any:
+        """Run a blocking function (a client call) on a worker thread, within the cap on calls at once;
+        generation calls name their ``tenant`` and wait for its turn."""
+        return await self._call(fn, tenant)
+
+    def caller(self, user: str) -> Callable[[Callable[[], Any]], Any]:
+        """What runs generation calls on behalf of ``user`` (from :meth:`user_of`): in its API key's turn."""
+        return lambda fn: self._call(fn, tenant=self.tenant_of(user))
+
+    @staticmethod
+    def tenant_of(user: str) -> str:
+        """The API key part of a user (``key2/<end user>`` -> ``key2``): turns go per key."""
+        return user.partition("/")[0]
 
     def _model_card(self, model: str) -> dict:
         card = {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
@@ -163,7 +189,7 @@ class Gateway:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(watch)
             try:
-                result, error = await self._call(call)
+                result, error = await self._call(call, tenant=self.tenant_of(self.user_of(request)))
             finally:
                 tasks.cancel_scope.cancel()
         if error is not None:
@@ -208,10 +234,12 @@ def create_app(
     max_in_flight: int = MAX_IN_FLIGHT,
     store: ImageStore | None = None,
     api_keys: Sequence[str] | None = None,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Starlette:
     """The gateway app. Broker connections come from ``client_factory`` (default: a plain
     ``Client(broker, timeout=timeout)``), so CURVE keys and other options stay the caller's business.
-    With ``api_keys``, requests must carry one of them (see :class:`RequireApiKey`)."""
+    With ``api_keys``, requests must carry one of them (see :class:`RequireApiKey`). A request body
+    must arrive within ``body_timeout`` seconds of its head."""
     factory = client_factory or (lambda: Client(broker, timeout=timeout))
     gateway = Gateway(ClientPool(factory), store=store, max_in_flight=max_in_flight)
     routes = [
@@ -225,7 +253,8 @@ def create_app(
         *a1111.routes(gateway),
         *page.routes(),
     ]
-    middleware = [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []
+    middleware = [Middleware(BodyDeadline, timeout=body_timeout)]
+    middleware += [Middleware(RequireApiKey, keys=list(api_keys))] if api_keys else []
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=gateway.lifespan, middleware=middleware)
     app.state.gateway = gateway
     return app

@@ -1,4 +1,4 @@
-"""``triptych http``: the gateway app on uvicorn, with the command's flags applied."""
+"""``triptych http``: the gateway app on uvicorn, with the command's flags and the gateway's deadlines applied."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from triptych.client import Client
 from triptych.flags import curve_from_args
 from triptych.http.app import create_app
 from triptych.http.auth import read_api_keys
+from triptych.http.connections import server_config
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,12 @@ def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
+    config = server_config(
         app,
-        host=args.host,
-        port=args.port,
+        args.host,
+        args.port,
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=5,  # then running calls are cancelled, and the broker told
     )
+    uvicorn.Server(config).run()
     return 0

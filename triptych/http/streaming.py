@@ -295,9 +295,11 @@ def openai_stream(gateway: Gateway, params: GenerationParams, user: str) -> Even
         every = None  # a quarter of the model's default steps: three previews to choose from
     size = f"{params.width}x{params.height}" if params.width else "auto"
     events = OpenAIEvents(partial_images=wanted, n=params.n, size=size)
-    return EventStream(gateway.call, _stream_call(gateway, params, user, every), events)
+    return EventStream(gateway.caller(user), _stream_call(gateway, params, user, every), events)
 
 
 def progress_stream(gateway: Gateway, params: GenerationParams, user: str) -> EventStream:
     """Every progress event, preview and image of a checked request, for the page."""
-    return EventStream(gateway.call, _stream_call(gateway, params, user, params.preview_every), ProgressEvents())
+    return EventStream(
+        gateway.caller(user), _stream_call(gateway, params, user, params.preview_every), ProgressEvents()
+    )
