@@ -9,11 +9,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import zmq
 
 from protocol import messages, sockets
 from protocol.broker import Broker
 from protocol.messages import GenerateRequest, StatusRequest
+from protocol.worker import Worker
 
 
 @contextmanager
@@ -68,3 +70,46 @@ def test_a_reply_to_a_peer_that_left_is_logged(caplog):
         assert client.poll(5000)  # accepted: the broker only just started, nodes may still come
         client.close()  # gone before its request times out, and the broker says so to nobody
         assert _wait_for(caplog, "is gone")
+
+
+def test_a_node_announces_its_model_while_loading_so_requests_for_it_wait():
+    from protocol.broker_core import BrokerCore
+    from protocol.stages import DENOISER, ENCODER
+    from tests.fake_nodes import FakeNode, answer
+    from triptych.client import Client, GenerationError
+
+    broker = Broker("tcp://127.0.0.1:0", core=BrokerCore(startup_grace=0.0))  # unknown models fail at once
+    with running(broker):
+        helpers = [FakeNode(broker.address, service, model="m").start() for service in (ENCODER, "decoder")]
+        loading = Worker(broker.address, DENOISER, "m")
+        loading.announce()  # before its weights are read
+        try:
+            with Client(broker.address, timeout=30) as client:
+                deadline = time.monotonic() + 10
+                while sorted(n["state"] for n in client.status().nodes) != ["idle", "idle", "loading"]:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                with pytest.raises(GenerationError) as unknown:  # a model nobody announced: at once
+                    client.generate("p", model="other", seed=1)
+                assert unknown.value.code == "unknown_model" and "(served: m)" in str(unknown.value)
+                outcome: dict = {}
+                waiting = threading.Thread(target=lambda: outcome.update(images=_generate(broker.address)))
+                waiting.start()
+                time.sleep(0.5)  # the request waits for the loading node, and does not fail
+                assert "images" not in outcome and waiting.is_alive()
+                loading.configure(lambda jobs, progress: [answer(job) for job in jobs], capacity=1)
+                serving = threading.Thread(target=loading.run, daemon=True)
+                serving.start()  # loaded: it registers as ready
+                waiting.join(timeout=20)
+                assert len(outcome["images"]) == 1
+        finally:
+            loading.stop.set()
+            for node in helpers:
+                node.stop()
+
+
+def _generate(address: str) -> list:
+    from triptych.client import Client
+
+    with Client(address, timeout=30) as client:
+        return client.generate("p", model="m", seed=1)

@@ -109,9 +109,11 @@ def test_values_at_the_limits_are_accepted(changes):
     ids=repr,
 )
 def test_each_bound_names_its_field(changes, field):
-    error = request_error(with_(**changes))
-    assert error is not None
-    assert error.startswith(field), error
+    problem = request_error(with_(**changes))
+    assert problem is not None
+    bad_field, message = problem
+    assert message.startswith(field), message
+    assert bad_field == field.split()[0]  # "height x width" is the height's to change
 
 
 @pytest.mark.parametrize(
@@ -119,9 +121,31 @@ def test_each_bound_names_its_field(changes, field):
     [({"steps": 0}, "0"), ({"num_images": 17}, "17"), ({"height": 513}, "513"), ({"seed": -1}, "-1")],
 )
 def test_errors_show_the_offending_value(changes, shown):
-    assert f"(got {shown})" in request_error(with_(**changes))
+    assert f"(got {shown})" in request_error(with_(**changes))[1]
 
 
 def test_the_first_problem_is_reported():
-    error = request_error(with_(steps=0, num_images=0))
-    assert error.startswith("steps")
+    bad_field, message = request_error(with_(steps=0, num_images=0))
+    assert bad_field == "steps" and message.startswith("steps")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"true_cfg": -1.0}, "true_cfg"),
+        ({"true_cfg": NAN}, "true_cfg"),
+        ({"scheduler": ""}, "scheduler"),
+        ({"images": [b""]}, "image"),
+        ({"images": [b"x"] * 9}, "image"),
+        ({"mask": b"m"}, "mask"),
+        ({"images": [b"a", b"b"], "mask": b"m"}, "mask"),
+        ({"strength": 0.5}, "strength"),
+        ({"images": [b"x"], "strength": 0.0}, "strength"),
+        ({"images": [b"x"], "strength": 1.5}, "strength"),
+        ({"images": [b"x"], "strength": NAN}, "strength"),
+    ],
+    ids=repr,
+)
+def test_new_options_name_their_field(changes, field):
+    problem = request_error(with_(**changes))
+    assert problem is not None and problem[0] == field, problem

@@ -39,7 +39,12 @@ def generate(
 
 
 def evaluate(
-    pipe: StableDiffusionPipeline, examples: list[tuple[Scene, str]], *, seed: int = 0, batch: int = 16, **options: float
+    pipe: StableDiffusionPipeline,
+    examples: list[tuple[Scene, str]],
+    *,
+    seed: int = 0,
+    batch: int = 16,
+    **options: float,
 ) -> tuple[list[Verdict], list[Image.Image]]:
     images = generate(pipe, [prompt for _, prompt in examples], seed=seed, batch=batch, **options)
     return [score(scene, image) for (scene, _), image in zip(examples, images, strict=True)], images

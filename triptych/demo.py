@@ -20,7 +20,9 @@ DEMO_MODEL = Path(__file__).parent / "demo_model"
 def demo_model() -> Path:
     """The packaged demo checkpoint's folder."""
     if not (DEMO_MODEL / "model_index.json").exists():
-        raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL}; rebuild it: python -m training.train_demo")
+        raise FileNotFoundError(
+            f"the demo model is missing from {DEMO_MODEL}; rebuild it: python -m training.train_demo"
+        )
     return DEMO_MODEL
 
 

@@ -83,8 +83,12 @@ def adapters_from_args(args: argparse.Namespace, pipe: Any, parts: tuple[str, ..
 
 
 def lora_key(loras: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
-    """A request's adapter set as a hashable key: requests with equal keys may share a batch."""
-    return tuple(sorted((name, float(weight)) for name, weight in loras.items()))
+    """A request's adapters as a hashable key: requests with equal keys may share a batch.
+
+    In the request's order: the adapters' outputs are summed in that order, as ``set_adapters`` with
+    the names in that order sums them, and float sums depend on it.
+    """
+    return tuple((name, float(weight)) for name, weight in loras.items())
 
 
 @dataclass(frozen=True)
