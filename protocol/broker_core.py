@@ -15,8 +15,8 @@ plan's business.
 What a request sends back goes to the connection that last sent its id (a client that reconnected
 comes back under a new identity); an ended request's replies are kept a short while for a client
 that resends it (:mod:`protocol.recent`). A busy node that stops making progress loses its jobs
-and gets no new work until it reports again (:mod:`protocol.watchdog`); a job that takes two nodes
-down fails its request. Under CURVE every message comes with its sender's key and roles
+and gets no new work until it reports again (:mod:`protocol.watchdog`); a job whose nodes exit while
+running it twice fails its request. Under CURVE every message comes with its sender's key and roles
 (:mod:`protocol.peers`): node messages from a client key and requests from a node key are refused.
 """
 
@@ -67,7 +67,7 @@ Outgoing = tuple[bytes, Message]
 # Seconds after the broker starts (or after a model's last node leaves) during which a request for a
 # model no node has announced waits instead of failing: nodes re-register within a few heartbeats.
 STARTUP_GRACE = 2 * HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
-MAX_NODE_LOSSES = 2  # nodes a job may take down (they exit or hang while running it) before its request fails
+MAX_NODE_LOSSES = 2  # nodes a job may take down (they exit while running it) before its request fails
 MAX_STATUS_NODES = 64  # nodes listed in one status reply
 MAX_STATUS_QUEUES = 64  # queues listed in one status reply
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
@@ -107,7 +107,7 @@ class Job:
     steps_reported: int = 0  # last step the node reported for it
     reported_at: float = 0.0  # when it reported that step
     holders: set[bytes] = field(default_factory=set)  # every node it was handed to: only they may answer it
-    losses: int = 0  # nodes that exited or stalled while running it
+    losses: int = 0  # nodes that exited while running it
 
     @property
     def job_id(self) -> str:
@@ -663,11 +663,11 @@ class BrokerCore:
         for job_id in sorted(worker.jobs):
             job = self.jobs.get(job_id)
             if job is not None and job.worker == worker.identity:
-                self._lost(job, "exit" if job_id in blamed else None)
+                self._lost(job, killed_its_node=job_id in blamed)
 
     def _running(self, worker: WorkerState) -> set[str]:
         """The jobs a node was most likely running (those that reported steps, else its oldest): the ones to
-        blame when it exits or hangs, not those waiting behind them."""
+        blame when it exits, not those waiting behind them."""
         held = [
             job
             for job_id in worker.jobs
@@ -679,11 +679,10 @@ class BrokerCore:
         first = min(job.assigned_at for job in held)
         return {job.job_id for job in held if job.assigned_at == first}
 
-    def _lost(self, job: Job, how: str | None) -> None:
-        """A job's node exited (``how`` "exit"), stalled ("hang") or left: run it elsewhere, unless it keeps
-        taking nodes down."""
+    def _lost(self, job: Job, *, killed_its_node: bool = False) -> None:
+        """A job's node exited, stalled or left: run it elsewhere, unless it keeps taking nodes down."""
         job.worker = None
-        if how is not None:
+        if killed_its_node:
             job.losses += 1
         if job.dispatches >= self.max_dispatches:
             error = f"{job.stage} job lost {job.dispatches} times: nodes keep dying"
@@ -691,8 +690,7 @@ class BrokerCore:
             return
         if job.losses >= MAX_NODE_LOSSES:
             count = _COUNT_WORDS.get(job.losses, str(job.losses))
-            what = "exit" if how == "exit" else "stop making progress"
-            self._fail(job.request_id, f"this request made {count} {job.service} nodes {what}", errors.MODEL_ERROR)
+            self._fail(job.request_id, f"this request made {count} {job.service} nodes exit", errors.MODEL_ERROR)
             return
         self._requeue(job)
         logger.info("re-dispatching %s job of request %s", job.stage, job.request_id)
@@ -710,6 +708,8 @@ class BrokerCore:
                 self._stall(worker, quiet, limit)
 
     def _stall(self, worker: WorkerState, quiet: float, limit: float) -> None:
+        """Its jobs go to other nodes. It is not told to cancel them: should it only have been slow, its
+        result still counts when it comes (from a node that held the job), and the other copy is cancelled."""
         logger.warning(
             "%s %s (%s) made no progress for %.1fs (allowed %.1fs): its jobs go to other nodes, and it gets no "
             "new work until it reports progress",
@@ -720,13 +720,11 @@ class BrokerCore:
             limit,
         )
         worker.healthy = False
-        blamed = self._running(worker)
         held, worker.jobs = sorted(worker.jobs), set()
         for job_id in held:
-            self.outbox.append((worker.identity, JobCancel(job_id=job_id)))  # should it come back to life
             job = self.jobs.get(job_id)
             if job is not None and job.worker == worker.identity:
-                self._lost(job, "hang" if job_id in blamed else None)
+                self._lost(job)
 
     def _on_stats(self, worker: WorkerState | None, stats: dict) -> None:
         """A node's cumulative counters, sent with heartbeats and results: kept for status and metrics."""

@@ -119,6 +119,9 @@ def _check_spec(spec: Any) -> tuple[str, tuple[int, ...], bytes | int]:
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_TENSOR_BYTES for n in shape):
         # Bounded one by one too: a zero-sized tensor's other sizes could overflow torch's int64 strides.
         raise CodecError(f"tensor shape {shape!r} must hold integers from 0 to {MAX_TENSOR_BYTES}")
+    if math.prod(max(n, 1) for n in shape) > MAX_TENSOR_BYTES:
+        # A zero-sized tensor's other sizes together, as torch multiplies them into its strides.
+        raise CodecError(f"tensor shape {shape!r} spans more than {MAX_TENSOR_BYTES} elements")
     if not isinstance(ref, bytes | int) or isinstance(ref, bool):
         raise CodecError("tensor data must be bytes or a frame index")
     return name, tuple(shape), ref
@@ -197,4 +200,9 @@ def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
     _check_plain(obj)
     if len(used) != len(frames) - 1:
         raise CodecError(f"{len(frames) - 1 - len(used)} frame(s) not referenced by the message")
-    return to_torch(obj) if torch_tensors else obj
+    if not torch_tensors:
+        return obj
+    try:
+        return to_torch(obj)
+    except (RuntimeError, ValueError) as exc:  # checked above; torch refusing anyway must not escape as such
+        raise CodecError(f"tensor could not be built: {exc}") from exc

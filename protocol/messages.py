@@ -453,12 +453,14 @@ def _check(annotation: Any, value: Any, where: str) -> Any:
     """``value`` as a field typed ``annotation`` holds it (nested dataclasses built); raises _Mismatch."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
+        deepest: _Mismatch | None = None
         for arg in typing.get_args(annotation):
             try:
                 return _check(arg, value, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch(where, value)
+            except _Mismatch as exc:
+                if exc.where != where:  # the value had this arm's shape: name the field inside it
+                    deepest = exc
+        raise deepest or _Mismatch(where, value)
     if annotation is Tensor:
         if is_tensor(value):
             return value

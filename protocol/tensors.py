@@ -42,6 +42,8 @@ class WireTensor:
     data: memoryview  # C-contiguous bytes, numel * itemsize of them; read-only
 
     def __post_init__(self) -> None:
+        if self.data.format != "B" or self.data.ndim != 1:  # rows() slices bytes
+            object.__setattr__(self, "data", self.data.cast("B") if self.data.nbytes else memoryview(b""))
         expected = math.prod(self.shape) * ITEMSIZES[self.dtype]
         if self.data.nbytes != expected:
             raise ValueError(f"{self.data.nbytes} bytes do not hold a {self.dtype} tensor of shape {list(self.shape)}")

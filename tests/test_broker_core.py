@@ -1013,25 +1013,41 @@ def test_a_node_that_holds_a_job_without_progress_loses_it_and_gets_no_new_work(
     sim = stall_sim()
     sim.register(b"den1", DENOISER)
     sim.register(b"den2", DENOISER)
+    sim.register(DEC, DECODER)
     ((stuck, (job,)),) = assigned(to_denoise(sim, "r1")).items()
     other = ({b"den1", b"den2"} - {stuck}).pop()
     t0 = sim.now
     sim.send(stuck, JobProgress(job_id=job.job_id, step=1, total=20), at=t0 + 0.5)
-    keep_alive(sim, t0 + 2.4, ENC, stuck, other)  # its IO thread still heartbeats
+    keep_alive(sim, t0 + 2.4, ENC, DEC, stuck, other)  # its IO thread still heartbeats
     assert not sent(sim.tick(t0 + 2.4), StageJob)  # 1.9 s of silence: within 2 x 1 s before any step was timed
-    keep_alive(sim, t0 + 2.6, ENC, stuck, other)
+    keep_alive(sim, t0 + 2.6, ENC, DEC, stuck, other)
     out = sim.tick(t0 + 2.6)
-    assert only(out, JobCancel, stuck).job_id == job.job_id
     assert only(out, DenoiseJob, other).job_id == job.job_id
+    assert not sent(out, JobCancel)  # should it only be slow, its result still counts
     states = {n["node"]: n["state"] for n in sim.status().nodes}
     assert states[f"{stuck.decode()}-node"] == "stalled" and states[f"{other.decode()}-node"] == "busy"
 
     # Idle, but stalled: new work waits for the healthy node rather than going to it.
     assert assigned(to_denoise(sim, "r2")) == {}
-    # It reports again (its compute thread came back and answered the cancel): it takes work again.
-    out = sim.send(stuck, JobFailed(job_id=job.job_id, error="cancelled", code=errors.CANCELLED))
+    # It was only slow: its result is taken, the copy cancelled, and it takes work again.
+    out = sim.send(stuck, denoised(job))
+    assert only(out, JobCancel, other).job_id == job.job_id
+    assert only(out, DecodeJob, DEC).request_id == "r1"
     assert only(out, DenoiseJob, stuck).request_id == "r2"
-    assert "r1" in sim.core.requests
+    assert sim.status().nodes[1]["state"] in ("busy", "idle")
+
+
+def test_a_stalled_node_takes_work_again_once_it_reports():
+    sim = stall_sim()
+    sim.register(DEN, DENOISER)
+    job = only(to_denoise(sim, "r1"), DenoiseJob, DEN)
+    t0 = sim.now
+    keep_alive(sim, t0 + 2.5, ENC, DEN)
+    sim.tick(t0 + 2.5)
+    assert sim.status().nodes[1]["state"] == "stalled"
+    out = sim.send(DEN, JobProgress(job_id=job.job_id, step=1, total=20))  # it shows progress again
+    assert only(out, DenoiseJob, DEN).job_id == job.job_id  # the job was waiting for a node: this one
+    assert sim.status().nodes[1]["state"] == "busy"
 
 
 def test_the_silence_allowed_follows_the_nodes_own_step_time():
@@ -1043,9 +1059,11 @@ def test_the_silence_allowed_follows_the_nodes_own_step_time():
         t += 0.5
         sim.send(DEN, JobProgress(job_id=job.job_id, step=step, total=20), at=t)
     keep_alive(sim, t + 4.9, ENC, DEN)
-    assert not sent(sim.tick(t + 4.9), JobCancel)
+    sim.tick(t + 4.9)
+    assert sim.core.workers[DEN].healthy and sim.core.jobs[job.job_id].worker == DEN
     keep_alive(sim, t + 5.1, ENC, DEN)
-    assert only(sim.tick(t + 5.1), JobCancel, DEN).job_id == job.job_id
+    sim.tick(t + 5.1)
+    assert not sim.core.workers[DEN].healthy and sim.core.jobs[job.job_id].worker is None
 
 
 def test_a_job_waiting_on_a_node_behind_one_making_progress_is_not_stalled():
@@ -1058,7 +1076,8 @@ def test_a_job_waiting_on_a_node_behind_one_making_progress_is_not_stalled():
         t += 0.2
         sim.send(DEN, JobProgress(job_id=running.job_id, step=step, total=40), at=t)
         keep_alive(sim, t, ENC)
-        assert not sent(sim.tick(t), JobCancel)
+        sim.tick(t)
+        assert sim.core.workers[DEN].healthy
     assert sim.core.workers[DEN].jobs == {running.job_id, waiting.job_id}
 
 

@@ -487,13 +487,13 @@ def test_a_client_that_hangs_up_cancels_the_work(gateway, cluster):
     cancelled = metric(scrape(cluster.metrics_port), "triptych_requests_total", model="sd-tiny", outcome="cancelled")
     host, port = gateway.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = {"model": "sd-tiny", "prompt": PROMPT, "size": "256x256", "num_inference_steps": 500}
+    body = {"model": "sd-tiny", "prompt": PROMPT, "size": "512x512", "num_inference_steps": 200}
     connection.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
     deadline = time.monotonic() + 20
     while in_flight() == 0:
         assert time.monotonic() < deadline, "the request never reached the broker"
         time.sleep(0.1)
-    connection.close()  # hang up long before 500 steps are done
+    connection.close()  # hang up long before 200 steps at 512 x 512 are done
     deadline = time.monotonic() + 10
     while in_flight() != 0:
         assert time.monotonic() < deadline, "the request kept running after the client left"

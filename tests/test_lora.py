@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,23 +52,35 @@ def make_lora(checkpoint: Path, folder: Path, name: str, seed: int, text_encoder
         config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
         module = inject_adapter_in_model(config, getattr(pipe, part))
         state = get_peft_model_state_dict(module)
-        layers[f"{part}_lora_layers"] = {key: value * 3 for key, value in state.items()}
+        layers[f"{part}_lora_layers"] = {key: value * 1.5 for key, value in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(folder, weight_name=f"{name}.safetensors", **layers)
     return folder / f"{name}.safetensors"
 
 
+_REFERENCES: dict[tuple[Path, Path], Any] = {}
+
+
 def reference(checkpoint: Path, folder: Path, loras: dict[str, float], seed: int, **kwargs) -> Image.Image:
-    """diffusers' own way: the whole pipeline, load_lora_weights per adapter, then set_adapters."""
+    """diffusers' own way: the whole pipeline, load_lora_weights per adapter, then set_adapters
+    (disable_lora for none). One pipeline per folder, each adapter loaded into it once."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(checkpoint)
-    pipe.set_progress_bar_config(disable=True)
+    if (checkpoint, folder) not in _REFERENCES:
+        pipe = DiffusionPipeline.from_pretrained(checkpoint)
+        pipe.set_progress_bar_config(disable=True)
+        _REFERENCES[checkpoint, folder] = pipe
+    pipe = _REFERENCES[checkpoint, folder]
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
     with installed_peft_accepted():
         for name in loras:
-            pipe.load_lora_weights(folder, weight_name=f"{name}.safetensors", adapter_name=_peft_name(name))
+            if _peft_name(name) not in loaded:
+                pipe.load_lora_weights(folder, weight_name=f"{name}.safetensors", adapter_name=_peft_name(name))
     if loras:
+        pipe.enable_lora()
         pipe.set_adapters([_peft_name(name) for name in loras], list(loras.values()))
+    elif loaded:
+        pipe.disable_lora()
     return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
@@ -156,10 +169,12 @@ def test_the_text_encoder_part_of_an_adapter_runs_on_the_encoder(adapters_of, fa
     without = nodes.embeds(request_spec(checkpoint.name, prompt=PROMPT))["prompt_embeds"]
     assert not torch.allclose(with_adapter, without)
     assert nodes.encoder_adapters is not None and nodes.encoder_adapters.bytes > 0
-    # The embedding cache keys on the adapters: prompt and negative with them are misses, then hits.
-    assert (nodes.encode_handler.cache.misses, nodes.encode_handler.cache.hits) == (4, 0)
+    # The embedding cache keys on the adapters: the same text without them was a miss, with them a hit.
+    cache = nodes.encode_handler.cache
+    misses, hits = cache.misses, cache.hits
+    assert hits == 0
     assert torch.equal(nodes.embeds(request)["prompt_embeds"], with_adapter)
-    assert nodes.encode_handler.cache.hits == 2
+    assert cache.misses == misses and cache.hits > 0
 
 
 def test_two_adapters_at_once_equal_diffusers_set_adapters(adapters_of):
@@ -224,10 +239,10 @@ def test_the_png_records_the_adapters(adapters_of):
     )
     job = wire(DenoiseJob(job_id="d", request_id="r", request=request, embeds=nodes.embeds(request)))
     [result] = nodes.denoise_handler([job], lambda step, total, previews=None: None)
-    assert wire(result).params.loras == {"dusk.v2": 1.0, "ink": 0.5}
+    assert list(wire(result).params.loras.items()) == [("ink", 0.5), ("dusk.v2", 1.0)]  # the request's order
     with torch.inference_mode():
         (image,) = nodes.decoder.family.decode(nodes.decoder.pipe, result.latents, result.params)
-    assert read_metadata(encode_png(image, result.params))["loras"] == "dusk.v2:1,ink:0.5"
+    assert read_metadata(encode_png(image, result.params))["loras"] == "ink:0.5,dusk.v2:1"
 
 
 def test_an_unknown_adapter_is_refused_listing_the_folder(adapters_of):

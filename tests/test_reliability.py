@@ -400,7 +400,7 @@ def test_a_hung_denoisers_job_completes_on_a_second_denoiser(tmp_path):
             assert len(client.generate("next", model=FAKE, seed=2)) == 1
         assert (len(hung.jobs), len(healthy.jobs)) == (1, 2)
 
-        hung.release.set()  # it comes back: it answers the cancel it was sent, and takes work again
+        hung.release.set()  # it comes back: its late answer is dropped (done elsewhere), and it takes work again
         deadline = time.monotonic() + 10
         while denoisers() != ["idle", "idle"]:
             assert time.monotonic() < deadline, denoisers()

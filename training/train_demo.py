@@ -71,6 +71,7 @@ class Settings:
     lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.998
+    object_weight: float = 5.0  # loss weight of object latents against background ones
     uncond_prob: float = 0.1  # prompts replaced by "" so the model learns the unconditional score too
     text_width: int = 128
     text_layers: int = 2
@@ -184,14 +185,17 @@ def train_vae(s: Settings, rng: random.Random, log: Progress) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def encode_examples(s: Settings, vae: AutoencoderKL, rng: random.Random, log: Progress) -> tuple[torch.Tensor, list]:
-    """Draw ``s.examples`` scenes; return their unscaled latents (N, 4, 16, 16) and their prompts.
+def encode_examples(
+    s: Settings, vae: AutoencoderKL, rng: random.Random, log: Progress
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Draw ``s.examples`` scenes; return their unscaled latents (N, 4, 16, 16), where their objects are
+    (N, 1, 16, 16: latents not of the background's colour) and their prompts.
 
     The encoder is the pixel-art codec's, untouched by training, so a latent is the pixel it
     samples; reading those pixels directly is much faster than running the encoder on every
     image, and the first chunk checks that both agree.
     """
-    latents, prompts, chunk = [], [], 256
+    latents, objects, prompts, chunk = [], [], [], 256
     for start in range(0, s.examples, chunk):
         batch = [training_example(rng) for _ in range(min(chunk, s.examples - start))]
         prompts += [prompt for _, prompt in batch]
@@ -201,9 +205,12 @@ def encode_examples(s: Settings, vae: AutoencoderKL, rng: random.Random, log: Pr
             encoded = vae.encode(images[:16]).latent_dist.mode()
             if not torch.allclose(encoded, sampled[:16], atol=1e-2):
                 raise RuntimeError("the encoder no longer samples one pixel per block")
+        backgrounds = torch.tensor([COLOURS[scene.background] for scene, _ in batch]) / 127.5 - 1  # (B, 3)
+        distance = (sampled[:, :3] - backgrounds[:, :, None, None]).abs().amax(1, keepdim=True)
         latents.append(sampled)
+        objects.append(distance > 0.1)
         log.step("encode", min(start + chunk, s.examples), s.examples)
-    return torch.cat(latents), prompts
+    return torch.cat(latents), torch.cat(objects), prompts
 
 
 # --- stage 3: text encoder and UNet ------------------------------------------------------------
@@ -240,6 +247,7 @@ def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
 def train_denoiser(
     s: Settings,
     latents: torch.Tensor,
+    objects: torch.Tensor,
     ids: torch.Tensor,
     empty_ids: torch.Tensor,
     text_encoder: CLIPTextModel,
@@ -247,7 +255,11 @@ def train_denoiser(
     log: Progress,
     snapshot: Callable[[Ema, int], None] | None = None,
 ) -> None:
-    """Joint v-prediction training of ``text_encoder`` and ``unet`` on scaled latents; leaves them at their EMA."""
+    """Joint v-prediction training of ``text_encoder`` and ``unet`` on scaled latents; leaves them at their EMA.
+
+    The loss weighs latents of objects ``s.object_weight`` times those of the background: a small
+    shape is a few latents of 256, and would otherwise be learnt long after the background colour.
+    """
     noise_schedule = DDPMScheduler(**SCHEDULE)
     modules = [text_encoder, unet]
     params = [p for m in modules for p in m.parameters()]
@@ -271,7 +283,8 @@ def train_denoiser(
         noisy = noise_schedule.add_noise(x0, noise, t)
         target = noise_schedule.get_velocity(x0, noise, t)
         context = text_encoder(batch_ids)[0]  # (B, max_tokens, text_width): the pipeline's prompt_embeds
-        loss = F.mse_loss(unet(noisy, t, context).sample, target)
+        weight = 1 + (s.object_weight - 1) * objects[pick].float()  # (B, 1, 16, 16)
+        loss = (weight * (unet(noisy, t, context).sample - target) ** 2).mean() / weight.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -327,7 +340,7 @@ def train(s: Settings, out: Path) -> StableDiffusionPipeline:
     started = time.monotonic()
 
     vae = train_vae(s, rng, log)
-    raw, prompts = encode_examples(s, vae, rng, log)
+    raw, objects, prompts = encode_examples(s, vae, rng, log)
     scale = latent_scale(raw)
     vae.register_to_config(scaling_factor=scale)
     print(f"latents: mean {raw.mean():.3f}, std {raw.std():.3f} -> scaling_factor {scale:.4f}", flush=True)
@@ -343,7 +356,7 @@ def train(s: Settings, out: Path) -> StableDiffusionPipeline:
         ema.copy_to(copies)
         save(assemble(vae, tokenizer, *copies), s, out.with_name(f"{out.name}-step{step}"), time.monotonic() - started)
 
-    train_denoiser(s, raw * scale, ids, empty_ids, text_encoder, unet, log, snapshot)
+    train_denoiser(s, raw * scale, objects, ids, empty_ids, text_encoder, unet, log, snapshot)
     pipe = assemble(vae, tokenizer, text_encoder.eval(), unet.eval())
     save(pipe, s, out, time.monotonic() - started)
     return pipe
