@@ -81,11 +81,11 @@ def test_a_bad_node_flag_is_named_at_start(tmp_path):
 
 
 def test_a_request_for_no_images_is_refused_at_once_naming_the_option():
-    """Refused by the client itself: no broker is even listening."""
+    """Refused by the command itself: no broker is even listening (a broker refuses it too, naming num_images)."""
     command = [sys.executable, "-m", "triptych", "generate", "p", "--num-images", "0", "--broker", "tcp://127.0.0.1:9"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 1 and result.stdout == ""
-    assert "--num-images: num_images must be between 1 and" in result.stderr
+    assert result.returncode == 2 and result.stdout == ""
+    assert "argument --num-images: must be above 0 (got 0)" in result.stderr
 
 
 def test_a_broker_reachable_from_elsewhere_without_curve_warns(tmp_path):

@@ -332,3 +332,209 @@ def test_adapters_cross_the_wire_to_every_stage():
     assert wire(request).loras == {"ink": 0.8}
     assert request.spec().loras == {"ink": 0.8}
     assert wire(EncodeJob(job_id="e", request_id="r", request=request.spec())).request.loras == {"ink": 0.8}
+
+
+# --- the flags, the CLI and the HTTP fields ---------------------------------------------------------
+
+
+def test_the_denoiser_enables_hotswap_before_compiling_when_given_both_flags(adapters_of):
+    import argparse
+
+    from denoiser_node.main import add_arguments, build
+    from triptych.node_runner import NodeContext, add_common_arguments
+
+    checkpoint, folder = adapters_of("sd")
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser, DENOISER)
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", str(checkpoint), "--lora-dir", str(folder), "--compile", "--lora-max-rank", "16"]
+    )
+    stage = load_stage(str(checkpoint), DENOISER)
+    context = NodeContext(args, DENOISER, stage.family, "cpu", torch.float32, checkpoint.name)
+    service = build(context)
+    unet = service.handler.stage.pipe.unet
+    assert hasattr(unet, "_orig_mod"), "the UNet is compiled"
+    assert unet._orig_mod._prepare_lora_hotswap_kwargs == {"target_rank": 16, "check_compiled": "error"}
+    assert service.handler.adapters.hotswap and service.info["loras"] == ["dusk.v2", "ink"]
+
+
+def test_the_cli_takes_lora_names_with_optional_weights():
+    from triptych.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "p", "--lora", "ink", "--lora", "dusk.v2:-0.5"])
+    assert args.lora == [("ink", 1.0), ("dusk.v2", -0.5)]
+
+
+@pytest.mark.parametrize("option", ["ink:nan", "ink:inf", "ink:heavy"])
+def test_the_cli_refuses_a_weight_that_is_not_a_finite_number(option, capsys):
+    from triptych.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "p", "--lora", option])
+    assert "argument --lora: the weight of 'ink' must be a" in capsys.readouterr().err
+
+
+def test_the_http_body_takes_loras_as_name_and_weight_objects():
+    from triptych.http import ApiError, parse_generation
+
+    body = {"prompt": "p", "loras": [{"name": "ink", "weight": 0.8}, {"name": "dusk.v2"}]}
+    assert parse_generation(body).loras == {"ink": 0.8, "dusk.v2": 1.0}
+    assert parse_generation({"prompt": "p"}).loras == {}
+    for loras in (
+        "ink",
+        [{"name": "ink", "weight": "heavy"}],
+        [{"name": "ink", "weight": math.inf}],
+        [{"name": "a/b"}],
+    ):
+        with pytest.raises(ApiError) as info:
+            parse_generation({"prompt": "p", "loras": loras})
+        assert (info.value.status, info.value.param) == (400, "loras"), loras
+
+
+class _RecordingClient:
+    """A broker connection whose denoiser of "m" has two adapters; generate keeps what it was asked."""
+
+    asked: list[dict] = []
+
+    def status(self, timeout: float = 5.0):
+        from protocol.messages import StatusReply
+
+        info = {"samplers": ["euler"], "loras": ["ink", "dusk.v2"]}
+        return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1", "info": info}])
+
+    def generate(self, prompt: str, *, num_images: int, seed, **options):
+        from triptych.client import GeneratedImage
+
+        self.asked.append(options)
+        return [GeneratedImage(index=i, seed=0, png=b"png", params={}) for i in range(num_images)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_gateway_lists_a_models_adapters_and_passes_them_on():
+    import json
+    import urllib.request
+
+    from tests.support import serving_app
+    from triptych.http import create_app
+
+    with serving_app(create_app("tcp://unused:1", client_factory=_RecordingClient)) as url:
+        with urllib.request.urlopen(f"{url}/v1/models/m", timeout=10) as response:
+            assert json.loads(response.read())["loras"] == ["dusk.v2", "ink"]
+        body = json.dumps({"prompt": "p", "loras": [{"name": "ink", "weight": 0.5}]}).encode()
+        request = urllib.request.Request(
+            f"{url}/v1/images/generations", data=body, headers={"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+        form, boundary = (
+            _multipart({"prompt": "p", "loras": '[{"name": "dusk.v2", "weight": 2}]'}, image=b"img"),
+            "b0undary",
+        )
+        edit = urllib.request.Request(
+            f"{url}/v1/images/edits", data=form, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        urllib.request.urlopen(edit, timeout=10).close()
+    assert [asked["loras"] for asked in _RecordingClient.asked[-2:]] == [{"ink": 0.5}, {"dusk.v2": 2.0}]
+
+
+def _multipart(fields: dict[str, str], image: bytes) -> bytes:
+    parts = [f'--b0undary\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    parts.append('--b0undary\r\nContent-Disposition: form-data; name="image"; filename="i.png"\r\n\r\n')
+    return "".join(parts).encode() + image + b"\r\n--b0undary--\r\n"
+
+
+# --- real node processes ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_cluster(adapters_of, tmp_path_factory):
+    """A broker, and SD nodes whose encoder and denoiser serve a folder of adapters (the session cluster's
+    nodes have none); the folder is a copy, so a test may add to it."""
+    import shutil
+
+    from tests.support import ProcessCluster
+
+    checkpoint, source = adapters_of("sd")
+    folder = tmp_path_factory.mktemp("served-loras")
+    for file in source.iterdir():
+        shutil.copy(file, folder / file.name)
+    cluster = ProcessCluster(tmp_path_factory.mktemp("lora-cluster-logs"))
+    cluster.start_broker()
+    try:
+        cluster.start_node(ENCODER, checkpoint, "--lora-dir", str(folder))
+        cluster.start_node(DENOISER, checkpoint, "--lora-dir", str(folder), "--lora-cache-mb", "64")
+        cluster.start_node(DECODER, checkpoint)
+        cluster.wait_for({(service, checkpoint.name): 1 for service in (ENCODER, DENOISER, DECODER)})
+        yield cluster, checkpoint, folder
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.e2e
+def test_nodes_serve_adapters_as_diffusers_makes_them(lora_cluster):
+    cluster, checkpoint, folder = lora_cluster
+    options = FAMILIES["sd"][2]
+    with cluster.client() as client:
+        images = client.generate(PROMPT, steps=3, seed=4, num_images=2, loras={"ink": 0.8, "dusk.v2": 0.5}, **options)
+        plain = client.generate(PROMPT, steps=3, seed=4, **options)
+    for image in images:
+        expected = reference(checkpoint, folder, {"ink": 0.8, "dusk.v2": 0.5}, image.seed, **reference_kwargs(options))
+        assert max_difference(Image.open(io.BytesIO(image.png)), expected) <= 1
+    assert read_metadata(images[0].png)["loras"] == "ink:0.8,dusk.v2:0.5"
+    assert (
+        max_difference(
+            Image.open(io.BytesIO(plain[0].png)), reference(checkpoint, folder, {}, 4, **reference_kwargs(options))
+        )
+        <= 1
+    )
+
+
+@pytest.mark.e2e
+def test_an_unknown_adapter_or_a_weight_that_is_no_number_fails_naming_loras(lora_cluster):
+    from protocol import errors
+    from triptych.client import GenerationError
+
+    cluster, _, _ = lora_cluster
+    with cluster.client() as client:
+        with pytest.raises(
+            GenerationError, match=r"unknown LoRA adapter 'sepia': this node's folder has dusk\.v2, ink"
+        ) as info:
+            client.generate(PROMPT, steps=1, seed=0, height=64, width=64, loras={"sepia": 1.0})
+        assert (info.value.code, info.value.field) == (errors.INVALID_REQUEST, "loras")
+        with pytest.raises(GenerationError, match="must be a finite number") as info:
+            client.generate(PROMPT, steps=1, seed=0, height=64, width=64, loras={"ink": math.nan})
+        assert (info.value.code, info.value.field) == (errors.INVALID_REQUEST, "loras")
+        with pytest.raises(GenerationError, match="a name with a number as its weight"):
+            client.generate(PROMPT, steps=1, loras={"ink": "heavy"})  # type: ignore[dict-item]
+
+
+@pytest.mark.e2e
+def test_an_adapter_added_to_the_folder_is_served_and_listed_in_status(lora_cluster):
+    cluster, checkpoint, folder = lora_cluster
+    nodes = {node["service"]: node for node in cluster.nodes()}
+    assert nodes[DENOISER]["info"]["loras"] == ["dusk.v2", "ink"] and nodes[ENCODER]["info"]["loras"] == [
+        "dusk.v2",
+        "ink",
+    ]
+    make_lora(checkpoint, folder, "sepia", seed=3, text_encoders=("text_encoder",))
+    result = cluster.generate_cli(
+        PROMPT,
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--lora",
+        "sepia:0.7",
+        "--out",
+        str(folder / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_metadata(Path(result.stdout.strip()).read_bytes())["loras"] == "sepia:0.7"
+    unknown = cluster.generate_cli(PROMPT, "--steps", "1", "--lora", "nope", "--out", str(folder / "out"))
+    assert unknown.returncode == 1 and "triptych: error: --lora: unknown LoRA adapter 'nope'" in unknown.stderr

@@ -545,7 +545,6 @@ OPTIONAL_NESTED_MISTAKES = [
     ("images.height", torch.tensor(64)),  # a tensor outside a tensor field
     ("images.generator_state", b"\x00" * 48),  # a non-tensor in a tensor field
     ("images.generator_state", None),
-    ("images.tensors", {"image": "pixels"}),
     ("images.tensors", [LATENTS]),
 ]
 OPTIONAL_NESTED_IDS = [f"{path}-{type(value).__name__}" for path, value in OPTIONAL_NESTED_MISTAKES]
@@ -562,6 +561,11 @@ def test_a_wrong_field_inside_an_optional_nested_field_is_named_by_its_path(path
     """DenoiseJob.images may be None; a map there is checked as ImageInputs and its mistakes named as such."""
     with pytest.raises(ProtocolError, match=re.escape(repr(path)) + ".*wrong type"):
         messages.from_frames(raw(nested(DENOISE_IMAGES, path, value)))
+
+
+def test_a_wrong_value_inside_a_nested_map_is_named_by_its_key():
+    with pytest.raises(ProtocolError, match=re.escape("images.tensors['image']") + ".*wrong type"):
+        messages.from_frames(raw(nested(DENOISE_IMAGES, "images.tensors", {"image": "pixels"})))
 
 
 @pytest.mark.parametrize("value", ["not a map", [1, 2], None, 5, b"\x80"], ids=repr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import secrets
 import signal
@@ -54,7 +55,7 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
-    parser.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
+    parser.add_argument("--num-images", type=_positive(int), default=1, help="images to make (default 1)")
     parser.add_argument(
         "--image",
         action="append",
@@ -70,6 +71,13 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="sampler: ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, "
         "unipc; flow DiTs: flow_euler, flow_euler_karras, flow_euler_exponential (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_option,
+        metavar="NAME[:WEIGHT]",
+        help="a LoRA adapter of the nodes' --lora-dir, with its weight (default 1); repeat to combine several",
     )
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
     parser.add_argument(
@@ -154,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(run)
     add_curve_client_arguments(run)
     return parser
+
+
+def _lora_option(text: str) -> tuple[str, float]:
+    """``--lora NAME[:WEIGHT]``: an adapter name (no ':' in it) and a finite weight, 1 by default."""
+    name, colon, weight = text.rpartition(":")
+    if not colon:
+        return text, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be a number (got {weight!r})") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be a finite number (got {weight!r})")
+    return name, value
 
 
 def _positive(kind: type) -> Any:
@@ -325,6 +347,11 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
         on_progress = PreviewWriter(Path(args.previews), seed, then=progress)
     # Previews are made only for someone to look at them.
     preview_every = args.preview_every if args.preview_every is not None else (None if args.previews else 0)
+    loras = dict(args.lora or [])
+    if len(loras) != len(args.lora or []):
+        twice = sorted({name for name, _ in args.lora if [n for n, _ in args.lora].count(name) > 1})
+        print(f"triptych: error: --lora: {', '.join(twice)} given more than once", file=sys.stderr)
+        return 2
     try:
         with Client(broker or args.broker, timeout=args.timeout, curve=curve_from_args(args)) as client:
             images = client.generate(
@@ -339,6 +366,7 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 seed=seed,
                 num_images=args.num_images,
                 scheduler=args.scheduler,
+                loras=loras,
                 image=args.image,
                 mask=args.mask,
                 strength=args.strength,
@@ -423,8 +451,8 @@ class _ProgressBar:
 
 
 def _flag(field: str) -> str:
-    """The option a request field comes from: true_cfg -> --true-cfg."""
-    return "--" + field.replace("_", "-")
+    """The option a request field comes from: true_cfg -> --true-cfg, loras -> --lora."""
+    return "--lora" if field == "loras" else "--" + field.replace("_", "-")
 
 
 def _write(image: GeneratedImage, out: Path, prompt: str) -> Path:

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from protocol.messages import (
 )
 from protocol.security import Curve
 from protocol.sockets import connect_dealer
-from protocol.validation import request_error
 from triptych.flags import DEFAULT_BROKER
 
 logger = logging.getLogger(__name__)
@@ -117,6 +116,26 @@ def image_bytes(image: ImageIn, field: str) -> bytes:
     )
 
 
+def lora_weights(loras: Mapping[str, float] | None) -> dict[str, float]:
+    """``loras`` as the request carries them: adapter names to float weights, in the caller's order.
+
+    Only types are checked here; the broker bounds the names and weights, and the nodes know which
+    adapters they have.
+    """
+    if loras is None:
+        return {}
+    if not isinstance(loras, Mapping):
+        message = f"loras: expected a mapping of adapter name to weight (got {type(loras).__name__})"
+        raise GenerationError(message, code=errors.INVALID_REQUEST, field="loras")
+    weights = {}
+    for name, weight in loras.items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, int | float):
+            message = f"loras: each adapter is a name with a number as its weight (got {name!r}: {weight!r})"
+            raise GenerationError(message, code=errors.INVALID_REQUEST, field="loras")
+        weights[name] = float(weight)
+    return weights
+
+
 class Client:
     def __init__(
         self,
@@ -155,6 +174,7 @@ class Client:
         seed: int | None = None,
         num_images: int = 1,
         scheduler: str | None = None,
+        loras: Mapping[str, float] | None = None,
         image: ImageIn | list[ImageIn] | None = None,
         mask: ImageIn | None = None,
         mask_alpha: bool = False,
@@ -171,6 +191,8 @@ class Client:
         Each option is the pipeline argument of its name: ``guidance`` is ``guidance_scale``,
         ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it); ``scheduler`` is
         a sampler name (``euler_a``, ``dpmpp_2m_karras``, ``flow_euler``...), unset: the checkpoint's.
+        ``loras`` maps LoRA adapter names (files of the nodes' ``--lora-dir``) to weights, e.g.
+        ``{"ink": 0.8}``; their outputs add up in the order given.
 
         Images in: ``image`` (PNG/JPEG/WebP bytes, a path or a PIL image, or a list of them for
         models that take several) makes it img2img; with ``mask`` (white repaints, black keeps, as in
@@ -200,6 +222,7 @@ class Client:
             seed=secrets.randbelow(2**32) if seed is None else seed,
             num_images=num_images,
             scheduler=scheduler,
+            loras=lora_weights(loras),
             images=[image_bytes(item, "image") for item in _as_list(image)],
             mask=None if mask is None else image_bytes(mask, "mask"),
             mask_alpha=mask_alpha,
@@ -208,9 +231,6 @@ class Client:
             timeout=self.timeout if timeout is None else timeout,
             user=user,
         )
-        if (problem := request_error(request)) is not None:  # refused at once, as the broker would refuse it
-            bad_field, error = problem
-            raise GenerationError(error, code=errors.INVALID_REQUEST, field=bad_field)
         try:
             return self._run(request, on_progress, cancel, on_image)
         except BaseException:

@@ -97,7 +97,7 @@ class Gateway:
 
     def _model_card(self, model: str) -> dict:
         card = {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
-        return card | {"samplers": self.models.samplers(model)}
+        return card | {"samplers": self.models.samplers(model), "loras": self.models.loras(model)}
 
     async def list_models(self, request: Request) -> JSONResponse:
         models = await self.models.served(fresh=True)
@@ -133,6 +133,7 @@ class Gateway:
                 seed=params.seed,
                 num_images=params.n,
                 scheduler=params.scheduler,
+                loras=params.loras,
                 image=params.images or None,
                 mask=params.mask,
                 mask_alpha=params.mask_alpha,

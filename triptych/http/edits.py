@@ -3,13 +3,14 @@
 OpenAI's fields (``image`` — or several as ``image[]`` —, ``mask``, ``prompt``, ``model``, ``n``,
 ``size``, ``response_format``, ``user``) and triptych's extras as form fields (``seed``,
 ``strength``, ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
-``true_cfg_scale``, ``scheduler``). The mask keeps OpenAI's convention here (fully transparent
+``true_cfg_scale``, ``scheduler``, and ``loras`` as the JSON text of the generations body's array). The mask keeps OpenAI's convention here (fully transparent
 pixels mark what to edit); the node that decodes it turns it into diffusers' (white repaints).
 The gateway never decodes an image: it only bounds the bytes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 from starlette.datastructures import UploadFile
@@ -22,6 +23,7 @@ from triptych.http.params import GenerationParams, parse_generation
 _INTS = ("n", "seed", "num_inference_steps", "partial_images", "preview_every")
 _FLOATS = ("guidance_scale", "true_cfg_scale", "strength")
 _BOOLS = ("stream",)
+_JSON = ("loras",)  # [{"name": ..., "weight": ...}] as JSON text
 _FILES = ("image", "image[]", "mask")
 
 
@@ -40,6 +42,11 @@ def _typed(name: str, text: str) -> object:
         raise invalid(name, f"{name} must be {kind} (got {text!r})", code="invalid_type") from None
     if name in _BOOLS:
         return text.strip().lower() in ("1", "true", "yes")
+    if name in _JSON:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise invalid(name, f"{name} must be JSON, as in the generations body (got {text[:80]!r})") from None
     return text
 
 

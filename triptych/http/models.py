@@ -33,6 +33,7 @@ class ModelCatalog:
         self.ttl = ttl
         self._models: list[str] = []
         self._samplers: dict[str, list[str]] = {}  # model -> the sampler names its denoisers accept
+        self._loras: dict[str, list[str]] = {}  # model -> the LoRA adapters in its denoisers' folders
         self._models_at = -math.inf
 
     async def served(self, fresh: bool = False) -> list[str]:
@@ -53,12 +54,22 @@ class ModelCatalog:
                 for node in nodes
                 if node["service"] == DENOISER and isinstance(node.get("info", {}).get("samplers"), list)
             }
+            self._loras = {}
+            for node in nodes:
+                names = node.get("info", {}).get("loras")
+                if node["service"] == DENOISER and isinstance(names, list):
+                    self._loras[node["model"]] = sorted(set(self._loras.get(node["model"], [])) | set(map(str, names)))
             self._models_at = time.monotonic()
         return self._models
 
     def samplers(self, model: str) -> list[str]:
         """The sampler names a model's denoiser accepts (as of the last :meth:`served`)."""
         return self._samplers.get(model, [])
+
+    def loras(self, model: str) -> list[str]:
+        """The LoRA adapters a model's denoisers had in their folders when they started (as of the last
+        :meth:`served`)."""
+        return self._loras.get(model, [])
 
     async def resolve(self, model: str) -> str:
         """The model to ask the broker for: a served one, or the only one when none is named."""

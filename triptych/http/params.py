@@ -66,6 +66,7 @@ class GenerationParams:
     mask: bytes | None = None  # images/edits: the mask's file bytes
     mask_alpha: bool = False  # the mask is OpenAI's: transparent pixels mark what to edit
     strength: float | None = None  # images/edits: the pipeline's strength
+    loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight, in the body's order
 
 
 async def read_json(request: Request) -> Any:
@@ -104,6 +105,26 @@ def _scale(body: dict, name: str) -> float | None:
     if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
         raise invalid(name, f"{name} must be between 0 and {MAX_GUIDANCE:g} (got {value})")
     return float(value)
+
+
+def _loras(body: dict) -> dict[str, float]:
+    """``loras: [{"name": ..., "weight": ...}, ...]`` (weight default 1) as name -> weight; bounds are the broker's."""
+    items = body.get("loras")
+    if items is None:
+        return {}
+    if not isinstance(items, list):
+        raise invalid("loras", 'loras must be an array of {"name": ..., "weight": ...}', code="invalid_type")
+    loras: dict[str, float] = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
+            raise invalid("loras", 'each of loras must be {"name": a string, "weight": a number}', code="invalid_type")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise invalid("loras", f"the weight of LoRA {item['name']!r} must be a number", code="invalid_type")
+        if item["name"] in loras:
+            raise invalid("loras", f"loras names {item['name']!r} more than once")
+        loras[item["name"]] = float(weight)
+    return loras
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -170,6 +191,7 @@ def parse_generation(body: Any) -> GenerationParams:
         stream=bool(_field(body, "stream", bool)),
         partial_images=partial_images,
         preview_every=_field(body, "preview_every", int),
+        loras=_loras(body),
     )
     # The broker's own bounds (prompt length...), so that they too come back naming the field.
     check = GenerateRequest(
@@ -185,6 +207,7 @@ def parse_generation(body: Any) -> GenerationParams:
         seed=seed or 0,
         num_images=n,
         scheduler=params.scheduler,
+        loras=params.loras,
         preview_every=params.preview_every,
         user=params.user,
     )
