@@ -236,6 +236,7 @@ class LoraAdapters:
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # by file name, least recently used first
         self._slots: list[_Loaded | None] = []  # hotswap: slot i is the adapter named slot{i}
         self._slot_order: list[int] = []  # hotswap: slots least recently used first
+        self._units: dict[tuple[str, str], float] = {}  # hotswap: (slot, layer) -> its scale at weight 1
         self._serial = 0
         self._active: tuple | None = None  # what the modules are set to now; None: unknown
 
@@ -319,8 +320,57 @@ class LoraAdapters:
             self._fill_slot(slot, file)
         self._slot_order = [i for i in self._slot_order if i not in weights] + sorted(weights)
         slots = [(i, entry) for i, entry in enumerate(self._slots) if entry is not None and entry.present]
-        self._set([f"slot{i}" for i, _ in slots], [weights.get(i, 0.0) for i, _ in slots], disable=False)
+        self._scale_slots({f"slot{i}": weights.get(i, 0.0) for i, _ in slots})
         return {entry.file.name: weights[i] for i, entry in slots if i in weights}
+
+    def _lora_layers(self) -> Iterator[tuple[str, Any]]:
+        from peft.tuners.lora import LoraLayer
+
+        for part in self.parts:
+            for key, module in _module(self.pipe, part).named_modules():
+                if isinstance(module, LoraLayer):
+                    yield f"{part}.{key}", module
+
+    def _scale_slots(self, weights: dict[str, float]) -> None:
+        """Hotswap: every slot stays active, and its weight goes into its scale tensors in place.
+
+        ``set_adapters`` would put floats there (PEFT's ``set_scale``), on which the compiled graph
+        guards; a slot's scale at weight 1 is kept from when its adapter was loaded.
+        """
+        import torch
+
+        state = (tuple(weights), tuple(weights.values()))
+        if state == self._active:
+            return
+        names = list(weights)
+        for key, module in self._lora_layers():
+            if list(module.active_adapters) != names or module.disable_adapters:
+                module.enable_adapters(True)
+                module.set_adapter(names)
+            for adapter, weight in weights.items():
+                unit = self._units.get((adapter, key))
+                if unit is None:  # the slot's adapter has no layer here
+                    continue
+                if isinstance(module.scaling[adapter], torch.Tensor):
+                    module.scaling[adapter].fill_(unit * weight)
+                else:
+                    module.scaling[adapter] = unit * weight
+        self._active = state
+
+    def _keep_units(self, adapter: str) -> None:
+        """Hotswap: the scales a slot's adapter was loaded with (its weight-1 scales)."""
+        self._units = {key: unit for key, unit in self._units.items() if key[0] != adapter}
+        for key, module in self._lora_layers():
+            if adapter in module.scaling:
+                self._units[adapter, key] = float(module.scaling[adapter])
+
+    def _reset_units(self, adapter: str) -> None:
+        """Hotswap: put a slot's weight-1 scales back before another adapter is swapped into it, so that
+        whatever scale the swap leaves as it was is the right one."""
+        for key, module in self._lora_layers():
+            unit = self._units.get((adapter, key))
+            if unit is not None and hasattr(module.scaling[adapter], "fill_"):
+                module.scaling[adapter].fill_(unit)
 
     def _fill_slot(self, slot: int, file: AdapterFile) -> None:
         name = f"slot{slot}"
@@ -330,7 +380,9 @@ class LoraAdapters:
         old = self._slots[slot]
         if old is not None and old.present:
             try:
+                self._reset_units(name)
                 self._slots[slot] = self._load(file, name, hotswap=True)
+                self._keep_units(name)
                 return
             except (ValueError, RuntimeError, KeyError) as exc:
                 logger.warning(
@@ -339,6 +391,7 @@ class LoraAdapters:
         if old is not None:
             self._delete(old)
         self._slots[slot] = self._load(file, name)
+        self._keep_units(name)
 
     def _set(self, adapters: list[str], weights: list[float], disable: bool = True) -> None:
         """diffusers' ``set_adapters`` (or ``disable_lora`` for none), component by component."""
