@@ -179,6 +179,7 @@ class BrokerCore:
         self._in_flight: dict[Hashable, int] = {}  # requests in flight per line (user or connection)
         self._unannounced: set[str] = set()  # requests for a model no node had announced when they came
         self._models_left: dict[str, float] = {}  # model -> when its last node left
+        self._refused: dict[bytes, float] = {}  # sender -> when a message its key may not send was last logged
 
     # --- inbound ----------------------------------------------------------------------------
 
@@ -186,10 +187,7 @@ class BrokerCore:
         """One message from ``sender``; ``peer`` is its CURVE key and roles (None without CURVE)."""
         self._clock(now)
         if peer is not None and not peer.may_send(msg):
-            roles = "+".join(sorted(peer.roles)) or "none"
-            logger.warning(
-                "refusing %s from %r: key %s (roles: %s) may not send it", msg.KIND, sender[:16], peer.key[:8], roles
-            )
+            self._refuse_role(sender, msg, peer, now)
             return
         worker = self.workers.get(sender)
         if worker is not None:
@@ -237,6 +235,18 @@ class BrokerCore:
         self.ended.expire(now)
         self._dispatch(now)
         self.metrics.on_tick(self.workers.values(), self.queues, len(self.requests))
+
+    def _refuse_role(self, sender: bytes, msg: Message, peer: Peer, now: float) -> None:
+        """A message its sender's key may not send: nothing changes; logged once per sender every 10 s."""
+        if now - self._refused.get(sender, -10.0) < 10.0:
+            return
+        if len(self._refused) > MAX_NODES:
+            self._refused = {who: at for who, at in self._refused.items() if now - at < 10.0}
+        self._refused[sender] = now
+        roles = "+".join(sorted(peer.roles)) or "none"
+        logger.warning(
+            "refusing %s from %r: key %s (roles: %s) may not send it", msg.KIND, sender[:16], peer.key[:8], roles
+        )
 
     def _clock(self, now: float) -> None:
         if self._started is None:

@@ -142,6 +142,19 @@ def _check_plain(obj: Any) -> None:
             raise CodecError(f"msgpack type {type(value).__name__} is not allowed on the wire")
 
 
+def peek(frame: Frame) -> Any:
+    """The msgpack document of a message's first frame with its tensors left unbuilt (None): enough to
+    read the kind and job id of a message that failed to decode. Bounded as :func:`decode` is."""
+    try:
+        header = _buffer(frame)
+        check_budget(header)
+        return msgpack.unpackb(
+            header, ext_hook=lambda code, data: None, raw=False, strict_map_key=True, **_UNPACK_LIMITS
+        )
+    except Exception as exc:  # msgpack raises several types on garbage
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from None
+
+
 def decode(frames: Sequence[Frame], *, torch_tensors: bool = False) -> Any:
     """Decode frames made by :func:`encode`; raises :class:`CodecError` on anything malformed.
 

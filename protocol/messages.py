@@ -542,10 +542,13 @@ def to_frames(message: Message) -> list[bytes | memoryview]:
 def job_of(frames: list[Any]) -> tuple[type[Message], str] | None:
     """The kind and job id of a stage job or result that failed its checks, when those two can be read.
 
-    Lets the receiver answer for that job (fail it) instead of leaving it to time out.
+    Lets the receiver answer for that job (fail it) instead of leaving it to time out, even when what
+    failed was one of its tensors (they are not built here).
     """
+    if not frames:
+        return None
     try:
-        body = codec.decode(frames)
+        body = codec.peek(frames[0])
     except codec.CodecError:
         return None
     if not isinstance(body, dict):

@@ -291,3 +291,24 @@ def test_webuiapi_txt2img_gives_diffusers_images_for_the_same_seed_and_sampler(g
         assert got.size == (64, 96) and difference(got, expected) <= 1, f"image {index}"
     assert "sd-tiny" in [model["title"] for model in api.get_sd_models()]
     assert "Euler a" in [sampler["name"] for sampler in api.get_samplers()]
+
+
+@pytest.mark.e2e
+def test_webuiapi_img2img_gives_diffusers_img2img_for_the_same_seed(gateway, checkpoints):
+    import webuiapi
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    from tests.test_images_in import init_image
+
+    host, port = gateway.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    api.util_set_model("sd-tiny")
+    image = init_image()
+    result = api.img2img(images=[image], prompt=PROMPT, seed=3, steps=5, cfg_scale=6.0, denoising_strength=0.6)
+    assert len(result.images) == 1 and result.info["all_seeds"] == [3]
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipeline(checkpoints["sd-tiny"]))
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)  # webuiapi's "Euler a"
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": PROMPT, "image": image, "num_inference_steps": 5, "guidance_scale": 6.0, "strength": 0.6}
+    expected = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert result.images[0].size == image.size and difference(result.images[0], expected) <= 1

@@ -305,6 +305,28 @@ def test_hotswap_slots_give_the_same_images_as_loading_each_adapter(adapters_of)
     assert len(nodes.denoiser_adapters._slots) == 2, "a swap reuses a slot; only two at once needs a second"
 
 
+def test_swapping_adapters_in_a_compiled_denoiser_does_not_compile_again(adapters_of):
+    import torch._dynamo
+
+    checkpoint, folder = adapters_of("sd")
+    stage = load_stage(str(checkpoint), DENOISER)
+    adapters = LoraAdapters(stage.pipe, LoraFolder(folder), 1 << 30, ("unet",))
+    adapters.enable_hotswap(target_rank=8)
+    adapters.activate({"ink": 1.0})
+    stage.pipe.unet = torch.compile(stage.pipe.unet, backend="eager")  # dynamo's guards, without a C compiler
+    sample, step, text = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        stage.pipe.unet(sample, step, text)
+        outputs = []
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for loras in ({"dusk.v2": 0.5}, {}, {"ink": 0.2}, {"dusk.v2": 0.5}):
+                adapters.activate(loras)
+                outputs.append(stage.pipe.unet(sample, step, text).sample)
+    assert len(adapters._slots) == 1, "each adapter swapped into the one slot"
+    assert torch.equal(outputs[0], outputs[3]) and not torch.allclose(outputs[0], outputs[1])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     ("loras", "message"),
     [

@@ -48,6 +48,8 @@ def format_status(reply: StatusReply) -> str:
                 ]
             )
         lines += _table(["SERVICE", "MODEL", "HOST", "PID", "STATE", "JOBS", "DONE", "LAST HEARTBEAT"], rows)
+        if reply.nodes_left_out:
+            lines.append(f"... and {reply.nodes_left_out} more nodes")
     else:
         lines.append("no nodes registered")
     served = {node["model"] for node in reply.nodes}

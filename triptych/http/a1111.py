@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from protocol.messages import GenerateRequest, ProgressEvent
 from protocol.stages import DENOISE
-from protocol.validation import MAX_IMAGES, MAX_SEED, request_error
+from protocol.validation import MAX_IMAGE_BYTES, MAX_IMAGES, MAX_SEED, request_error
 from triptych.client import GeneratedImage, GenerationError
 from triptych.http.errors import ApiError, error_from_failure, invalid
 from triptych.http.params import GenerationParams, read_json
@@ -259,7 +259,12 @@ class WebUIApi:
     # --- txt2img ----------------------------------------------------------------------------
 
     async def txt2img(self, request: Request) -> Response:
-        body = await read_json(request)
+        return await self._generate(request, await read_json(request), parse_txt2img)
+
+    async def img2img(self, request: Request) -> Response:
+        return await self._generate(request, await read_json(request, limit=MAX_IMAGE_BYTES * 2), parse_img2img)
+
+    async def _generate(self, request: Request, body: Any, parse: Callable) -> Response:
         if not isinstance(body, dict):
             raise invalid(None, "the request body must be a JSON object")
         overrides = body.get("override_settings") or {}
@@ -267,7 +272,7 @@ class WebUIApi:
             raise invalid("override_settings", "override_settings must be an object")
         title = overrides.get("sd_model_checkpoint")
         model = await self._model_named(title) if isinstance(title, str) else await self._current_model(request)
-        params, sampler = parse_txt2img(body, model, self.gateway.models.samplers(model))
+        params, sampler = parse(body, model, self.gateway.models.samplers(model))
         job = Progress()
         self.progress[self._tenant(request)] = job
         user = self.gateway.user_of(request)
@@ -289,6 +294,42 @@ class WebUIApi:
             "info": json.dumps(info(params, sampler, images, job.started)),
         }
         return JSONResponse(answer)
+
+
+def _image(value: Any, field: str) -> bytes:
+    """A web UI image: base64, bare or as a data URL. Its bytes are checked where they are decoded."""
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a base64 image")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise invalid(field, f"{field}: not valid base64") from None
+
+
+def parse_img2img(body: dict, model: str, samplers: list[str]) -> tuple[GenerationParams, str]:
+    """An img2img body: as txt2img, plus the init images, the mask and the denoising strength.
+
+    The size is the pipeline's for images in (for Stable Diffusion img2img, the init image's own), so
+    the web UI's ``width``/``height``, which its clients always send, apply to inpainting only.
+    """
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise invalid("init_images", "init_images must be a list of base64 images", code="missing_required_parameter")
+    mask = body.get("mask")
+    if mask is None:
+        body = {key: value for key, value in body.items() if key not in ("width", "height")}
+    params, sampler = parse_txt2img(body, model, samplers)
+    params.images = [_image(value, "init_images") for value in images]
+    if mask is not None:
+        params.mask = _image(mask, "mask")
+        if body.get("inpainting_mask_invert"):
+            raise invalid("inpainting_mask_invert", "inpainting_mask_invert is not supported by this server")
+    strength = _number(body, "denoising_strength", float)
+    params.strength = 0.75 if strength is None else strength  # the web UI's default
+    if not 0 < params.strength <= 1:
+        raise invalid("denoising_strength", f"denoising_strength must be in (0, 1] (got {params.strength})")
+    return params, sampler
 
 
 def _number(body: dict, name: str, kind: type) -> Any:
@@ -420,6 +461,7 @@ def routes(gateway: Gateway) -> list[Route]:
     api = WebUIApi(gateway)
     table: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
         ("/sdapi/v1/txt2img", api.txt2img, "POST"),
+        ("/sdapi/v1/img2img", api.img2img, "POST"),
         ("/sdapi/v1/sd-models", api.sd_models, "GET"),
         ("/sdapi/v1/samplers", api.samplers, "GET"),
         ("/sdapi/v1/schedulers", api.schedulers, "GET"),

@@ -69,13 +69,13 @@ class GenerationParams:
     loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight, in the body's order
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON, refused past MAX_BODY_BYTES without reading the rest."""
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    """The request body as JSON, refused past ``limit`` bytes without reading the rest."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body must be at most {MAX_BODY_BYTES} bytes", code="body_too_large")
+        if len(body) > limit:
+            raise ApiError(413, f"the request body must be at most {limit} bytes", code="body_too_large")
     try:
         return json.loads(body)
     except ValueError as exc:
