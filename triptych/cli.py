@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="up + generate + shut down, in one command")
     _add_generate_options(run)
-    run.add_argument("--model", help="hub id or local folder (default: the small packaged demo model)")
+    run.add_argument("--model", help="hub id or local folder (default: a small random-weight demo model)")
     _add_device_options(run)
     add_curve_client_arguments(run)
     return parser
@@ -395,9 +395,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model = args.model
     if model is None:
-        from triptych.demo import demo_model, describe_demo_model
+        from triptych.demo import demo_model
 
-        print(describe_demo_model(), file=sys.stderr)
+        print("triptych: demo model with random weights — pass --model for real images", file=sys.stderr)
         model = str(demo_model())
     with tempfile.TemporaryDirectory(prefix="triptych-") as folder:
         bind = f"ipc://{folder}/broker.sock"
