@@ -69,8 +69,6 @@ def test_four_hosts(hosts, checkpoints, reference, tmp_path):
         procs.start_node("denoiser", model, prefix=on["gpu"])
         procs.start_node("encoder", model, prefix=on["cpu"])
         procs.start_node("decoder", model, prefix=on["cpu"])
-        # A request for no model in particular waits only a few seconds for a first node to announce itself.
-        procs.wait_for({(service, model.name): 1 for service in ("encoder", "denoiser", "decoder")})
         command = [*on["laptop"], sys.executable, "-m", "triptych", "generate", "a boat on a lake"]
         command += ["--broker", address, "--steps", "4", "--seed", "9", "--out", str(tmp_path), "--timeout", "180"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
