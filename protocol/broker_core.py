@@ -66,6 +66,8 @@ Outgoing = tuple[bytes, Message]
 
 # Seconds after the broker starts (or after a model's last node leaves) during which a request for a
 # model no node has announced waits instead of failing: nodes re-register within a few heartbeats.
+# While no node at all is registered the cluster may still be starting (a node loading torch on a
+# busy machine takes longer than this), so requests then wait for their own deadline.
 STARTUP_GRACE = 2 * HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 MAX_NODE_LOSSES = 2  # nodes a job may take down (they exit while running it) before its request fails
 MAX_STATUS_NODES = 64  # nodes listed in one status reply
@@ -283,7 +285,7 @@ class BrokerCore:
             )
             self._refuse(client, req, error, errors.BUSY)
             return
-        if self._past_grace(now) and not self._announced(req.model):
+        if self._past_grace(now) and self.workers and not self._announced(req.model):
             self._refuse(client, req, *self._unknown_model(req.model))
             return
         self.outbox.append((client, RequestAccepted(request_id=req.request_id)))
@@ -348,8 +350,8 @@ class BrokerCore:
 
     def _fail_unannounced(self, now: float) -> None:
         """Requests taken while nodes might still come back: once they had time to, fail those whose model none named."""
-        if not self._unannounced or not self._past_grace(now):
-            return
+        if not self._unannounced or not self._past_grace(now) or not self.workers:
+            return  # with no node at all, the cluster may still be starting: requests wait for their deadline
         for request_id in list(self._unannounced):
             req = self.requests.get(request_id)
             if req is None or self._announced(req.request.model):

@@ -1160,6 +1160,15 @@ def test_requests_taken_while_nodes_could_still_register_fail_once_none_did():
     assert failed.code == errors.UNKNOWN_MODEL and MODEL in failed.error
 
 
+def test_with_no_node_at_all_requests_wait_past_the_grace_for_the_first_one():
+    sim = Sim()
+    t0 = sim.now
+    out = sim.send(CLIENT, request(timeout=60.0), at=t0 + STARTUP_GRACE + 5)  # nodes still importing torch
+    assert sent(out, RequestAccepted) and not sent(out, RequestFailed)
+    assert not sent(sim.tick(t0 + STARTUP_GRACE + 20), RequestFailed)
+    assert only(sim.register(ENC, ENCODER), EncodeJob, ENC).request_id == "r1"
+
+
 def test_a_request_for_a_model_whose_last_node_just_left_waits_a_while():
     sim = Sim()
     sim.register(ENC, ENCODER)
