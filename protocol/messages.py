@@ -12,7 +12,7 @@ broker and the nodes a request travels as *stage jobs* and *stage results*, one 
 stage (see :mod:`protocol.plans` for the order they run in):
 
     stage         job (broker -> node)    result (node -> broker)
-    encode        EncodeJob               Embeddings
+    encode        EncodeJob               Embeddings          (with the images, for editing models)
     encode_image  EncodeImagesJob         EncodedImages       (images in: on the decoder node)
     denoise       DenoiseJob              DenoisedLatents
     decode        DecodeJob               DecodedImage
@@ -32,7 +32,7 @@ from protocol.errors import MODEL_ERROR
 from protocol.stages import DECODE, DECODER, DENOISE, DENOISER, ENCODE, ENCODE_IMAGE, ENCODER, SERVICES
 from protocol.tensors import Tensor, is_tensor
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 __all__ = ["DECODER", "DENOISER", "ENCODER", "SERVICES"]  # re-exported: services are named in protocol.stages
 
@@ -68,6 +68,7 @@ class RequestSpec:
     num_images: int = 1
     scheduler: str | None = None  # a sampler name (euler_a, dpmpp_2m...); None: the checkpoint's own
     loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight, from the nodes' --lora-dir
+    step_cache: str | None = None  # "off" or KIND[:VALUE] ("first_block:0.1"); None: the denoiser's --step-cache
     preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
     # Images in (img2img, inpainting): the images themselves go only to the stage that encodes them.
     strength: float | None = None  # the pipeline's strength; None: its default
@@ -101,6 +102,7 @@ class ResolvedParams:
     width: int
     scheduler: str = ""  # the sampler name asked for, or the checkpoint's scheduler class
     loras: dict[str, float] = field(default_factory=dict)  # the LoRA adapters and weights it ran with
+    step_cache: str = ""  # the denoiser's step cache it ran with, KIND:VALUE ("" : none)
     strength: float | None = None  # with images in: the strength the pipeline ran with
     image_sha256: list[str] = field(default_factory=list)  # the init images'
     mask_sha256: str | None = None  # the inpainting mask's
@@ -148,6 +150,7 @@ class GenerateRequest(Message):
     num_images: int = 1
     scheduler: str | None = None  # a sampler name; None: the checkpoint's scheduler
     loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight (at most 8)
+    step_cache: str | None = None  # "off" or KIND[:VALUE]; None: the denoiser's --step-cache
     preview_every: int | None = None  # a preview every N denoising steps; None: every quarter; 0: none
     images: list[bytes] = field(default_factory=list)  # init images (PNG, JPEG, WebP files): img2img, inpaint
     mask: bytes | None = None  # inpainting mask (an image file): white repaints, black keeps
@@ -347,6 +350,9 @@ class EncodeJob(StageJob):
     SERVICE: ClassVar[str] = ENCODER
     RESULT: ClassVar[type[StageResult]] = Embeddings
     request: RequestSpec
+    # The request's image files, for text encoders that read them (Qwen-Image-Edit's Qwen2.5-VL); decoded
+    # only by a family that does, with a pixel bound. Empty for text to image and for inpainting.
+    images: list[bytes] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -247,11 +247,20 @@ class _StateCollector:
             "cache_hits / (cache_hits + cache_misses) as reported by the nodes, by service and model.",
             labels=["service", "model"],
         )
+        per_image = GaugeMetricFamily(
+            "triptych_stage_seconds_per_image",
+            "busy_seconds / images as reported by the nodes, by service and model: node-seconds of work per "
+            "image, so nodes / this is the images per second a stage keeps up with.",
+            labels=["service", "model"],
+        )
         for (service, model), sums in sorted(totals.items()):
             for name, value in sorted(sums.items()):
                 stat_counter.add_metric([service, model, name], value)
             lookups = sums.get("cache_hits", 0) + sums.get("cache_misses", 0)
             if lookups > 0:
                 ratio.add_metric([service, model], sums.get("cache_hits", 0) / lookups)
+            if sums.get("images", 0) > 0 and "busy_seconds" in sums:
+                per_image.add_metric([service, model], sums["busy_seconds"] / sums["images"])
         yield stat_counter
         yield ratio
+        yield per_image

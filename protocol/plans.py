@@ -11,8 +11,10 @@ Text to image::
 
     encode (encoder) --Embeddings--> denoise (denoiser) --DenoisedLatents--> decode x num_images (decoder)
 
-Images in (img2img, inpainting): the VAE's encoder half runs on the decoder node, beside the text
-encoder's work, so the GPU still sees only the denoiser::
+Images in (img2img, inpainting, instruction editing): the VAE's encoder half runs on the decoder
+node, beside the text encoder's work, so the GPU still sees only the denoiser. Without a mask the
+encoder gets the images too: an editing model's text encoder reads them with the prompt
+(Qwen-Image-Edit); other families' encoders leave them unread::
 
     encode (encoder)             --Embeddings-----\
                                                    >--> denoise (denoiser) --> decode x num_images (decoder)
@@ -148,6 +150,13 @@ TEXT_TO_IMAGE = Plan(
 )
 
 
+def _encode_with_images_jobs(ctx: PlanContext) -> list[StageJob]:
+    request = ctx.request
+    # An edit (no mask) may be read by the text encoder too; an inpainting mask means no editing model.
+    images = request.images if request.mask is None else []
+    return [ctx.job(EncodeJob, request=request.spec(), images=images)]
+
+
 def _encode_images_jobs(ctx: PlanContext) -> list[StageJob]:
     request = ctx.request
     job = ctx.job(
@@ -168,7 +177,7 @@ def _denoise_with_images_jobs(ctx: PlanContext) -> list[StageJob]:
 IMAGES_IN = Plan(
     kind="images-in",
     stages=(
-        Stage(ENCODE, needs=(), jobs=_encode_jobs),
+        Stage(ENCODE, needs=(), jobs=_encode_with_images_jobs),
         Stage(ENCODE_IMAGE, needs=(), jobs=_encode_images_jobs),
         Stage(DENOISE, needs=(ENCODE, ENCODE_IMAGE), jobs=_denoise_with_images_jobs),
         Stage(DECODE, needs=(DENOISE,), jobs=_decode_jobs),

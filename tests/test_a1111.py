@@ -21,7 +21,7 @@ from tests.support import serving_app
 from triptych.client import GeneratedImage, GenerationCancelled
 from triptych.families.samplers import FLOW_SAMPLERS, NOISE_SAMPLERS, SAMPLERS
 from triptych.http import ApiError, create_app
-from triptych.http.a1111 import parse_txt2img, sampler_for
+from triptych.http.a1111 import parse_txt2img, prompt_loras, sampler_for
 
 PROMPT = "a watercolor of a heron"
 NEGATIVE = "blurry"
@@ -114,12 +114,30 @@ def test_txt2img_fields_map_onto_a_request():
         ({"width": 60, "height": 64}, "width"),
         ({"seed": -5}, "seed"),
         ({"prompt": 3}, "prompt"),
+        ({"prompt": "a <lora:ink:strong> fox"}, "prompt"),
+        ({"prompt": "<lora:ink> a <lora:ink:0.5> fox"}, "prompt"),
+        ({"prompt": "<lora::0.5> a fox"}, "prompt"),
+        ({"prompt": "<lora:ink:11> a fox"}, "prompt"),  # past the broker's weight bound
+        ({"prompt": "<lora:a/b> a fox"}, "prompt"),  # not an adapter name
     ],
 )
 def test_a_bad_or_unsupported_txt2img_field_is_named(change, param):
     with pytest.raises(ApiError) as caught:
         parse_txt2img({"prompt": PROMPT, **change}, "m", list(NOISE_SAMPLERS))
     assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_lora_tags_are_taken_out_of_the_prompt_as_the_web_ui_does():
+    assert prompt_loras("<lora:ink:0.8>a fox, <lora:dusk.v2> at dusk") == (
+        "a fox,  at dusk",
+        {"ink": 0.8, "dusk.v2": 1.0},
+    )
+    assert prompt_loras("a fox <hypernet:x:1>") == ("a fox <hypernet:x:1>", {})  # only LoRA tags
+    assert prompt_loras("<lora:ink:-0.5>") == ("", {"ink": -0.5})
+    params, _ = parse_txt2img({"prompt": "<lora:ink:0.8> a fox", "negative_prompt": "<lora:x>"}, "m", [])
+    assert (params.prompt, params.loras, params.negative_prompt) == (" a fox", {"ink": 0.8}, "<lora:x>")
+    with pytest.raises(ApiError, match="names LoRA 'ink' more than once"):
+        prompt_loras("<lora:ink> <lora:ink:2>")
 
 
 # --- routes, in-process -----------------------------------------------------------------------------
@@ -237,11 +255,41 @@ def test_txt2img_answers_images_parameters_and_info_as_the_web_ui_does():
         status, error = call(f"{url}/sdapi/v1/txt2img", {**body, "enable_hr": True})
         assert status == 400 and "hires fix" in error["detail"]
         samplers = call(f"{url}/sdapi/v1/samplers")[1]
+        assert call(f"{url}/sdapi/v1/refresh-loras", {})[0] == 200
         assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
         assert call(f"{url}/sdapi/v1/loras")[1] == [] and call(f"{url}/sdapi/v1/scripts")[1] == {
             "txt2img": [],
             "img2img": [],
         }
+
+
+class AdapterClient(SlowClient):
+    """SlowClient whose model "m" has two adapters; generate keeps the options it was asked with."""
+
+    asked: list[dict] = []
+
+    def status(self, timeout: float = 5.0) -> StatusReply:
+        info = {"samplers": list(NOISE_SAMPLERS), "loras": ["ink", "dusk.v2"]}
+        return StatusReply(request_id="s", nodes=[{"service": "denoiser", "model": "m", "node": "h:1", "info": info}])
+
+    def generate(self, prompt: str, **options):
+        self.asked.append({"prompt": prompt, **options})
+        return super().generate(prompt, **{**options, "steps": 1})
+
+
+def test_loras_are_listed_as_the_web_ui_lists_them_and_prompt_tags_reach_the_request():
+    with serving_app(create_app("tcp://unused:1", client_factory=AdapterClient)) as url:
+        assert call(f"{url}/sdapi/v1/loras")[1] == [
+            {"name": "dusk.v2", "alias": "dusk.v2", "path": "dusk.v2.safetensors", "metadata": {}},
+            {"name": "ink", "alias": "ink", "path": "ink.safetensors", "metadata": {}},
+        ]
+        status, answer = call(f"{url}/sdapi/v1/txt2img", {"prompt": "a fox <lora:ink:0.5>", "seed": 1})
+        assert status == 200
+        assert json.loads(answer["info"])["prompt"] == "a fox <lora:ink:0.5>"  # as sent, as the web UI reports it
+        asked = AdapterClient.asked[-1]
+        assert (asked["prompt"], asked["loras"]) == ("a fox ", {"ink": 0.5})
+        status, error = call(f"{url}/sdapi/v1/txt2img", {"prompt": "<lora:ink:x> a fox"})
+        assert status == 400 and "<lora:ink:x>" in error["detail"]
 
 
 # --- through the cluster, with the webuiapi client ---------------------------------------------------

@@ -24,8 +24,10 @@ SCRIPTS = {
     "gpu_memory.py": (9, "(a) s/image / (b) s/image"),  # three per model, three models
     "speed_options.py": (2, "the plain denoiser's speed"),
     "vae_encode.py": (4, "VAE encode sd 64x64 float32"),
+    "cpu_stages.py": (9, "sdxl-vae bfloat16: "),  # each setting against fp32 eager, compile left out
+    "step_cache.py": (6, "PSNR"),  # each default setting against the uncached run
 }
-EXTRA_ARGS = {"speed_options.py": ["--skip-compile"]}  # compiling on a CPU takes minutes
+EXTRA_ARGS = {"speed_options.py": ["--skip-compile"], "cpu_stages.py": ["--skip-compile"]}  # compiling takes minutes
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

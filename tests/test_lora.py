@@ -560,3 +560,86 @@ def test_an_adapter_added_to_the_folder_is_served_and_listed_in_status(lora_clus
     assert read_metadata(Path(result.stdout.strip()).read_bytes())["loras"] == "sepia:0.7"
     unknown = cluster.generate_cli(PROMPT, "--steps", "1", "--lora", "nope", "--out", str(folder / "out"))
     assert unknown.returncode == 1 and "triptych: error: --lora: unknown LoRA adapter 'nope'" in unknown.stderr
+
+
+# --- plumbing: up/run, the web UI API, discovery ------------------------------------------------------
+
+
+def test_up_and_run_pass_the_lora_folder_to_the_encoder_and_the_denoiser(monkeypatch, tmp_path):
+    import subprocess
+
+    from triptych import cli, launcher
+
+    started: dict[str, list[str]] = {}
+
+    class Recorder:
+        def __init__(self, command: list[str], **_: object) -> None:
+            started[command[2]] = command
+
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    launcher.Cluster("m", bind="tcp://127.0.0.1:1", lora_dir=str(tmp_path)).start()
+    with_folder = {key for key, command in started.items() if ["--lora-dir", str(tmp_path)] == command[-4:-2]}
+    assert with_folder == {"encoder_node", "denoiser_node"}  # the broker and the decoder load no adapters
+
+    given: list[str | None] = []
+
+    class Stopped(launcher.Cluster):
+        def __enter__(self):
+            given.append(self.lora_dir)
+            raise launcher.LaunchError("not started here")
+
+    monkeypatch.setattr(launcher, "Cluster", Stopped)
+    assert cli.main(["run", "p", "--model", "m", "--lora-dir", str(tmp_path)]) == 1
+    assert cli.main(["up", "--model", "m", "--lora-dir", str(tmp_path)]) == 1
+    assert given == [str(tmp_path), str(tmp_path)]
+    assert cli.main(["run", "p", "--model", "m", "--lora-dir", str(tmp_path / "missing")]) == 2  # before starting
+
+
+def test_status_json_lists_each_models_samplers_and_adapters():
+    from protocol.messages import StatusReply
+    from triptych.status import status_dict
+
+    nodes = [
+        {"service": "denoiser", "model": "m", "node": "a:1", "info": {"samplers": ["euler"], "loras": ["ink"]}},
+        {"service": "denoiser", "model": "m", "node": "b:1", "info": {"samplers": ["euler"], "loras": ["dusk"]}},
+        {"service": "encoder", "model": "m", "node": "a:2", "info": {"loras": ["other"]}},
+        {"service": "denoiser", "model": "n", "node": "c:1", "info": {"samplers": [], "step_caches": ["first_block"]}},
+    ]
+    models = status_dict(StatusReply(request_id="s", nodes=nodes))["models"]
+    assert models == {
+        "m": {"samplers": ["euler"], "loras": ["dusk", "ink"], "step_caches": []},
+        "n": {"samplers": [], "loras": [], "step_caches": ["first_block"]},
+    }
+
+
+@pytest.mark.e2e
+def test_webuiapi_lora_tags_give_diffusers_images_and_an_unknown_one_lists_the_folder(lora_cluster):
+    import webuiapi
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from tests.support import serving_app
+    from triptych.http import create_app
+
+    cluster, checkpoint, folder = lora_cluster
+    options = FAMILIES["sd"][2]
+    with serving_app(create_app(cluster.address, timeout=120)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))  # its default sampler: "Euler a"
+        assert {"name": "ink", "alias": "ink", "path": "ink.safetensors", "metadata": {}} in api.get_loras()
+        result = api.txt2img(
+            prompt=f"<lora:ink:0.8>{PROMPT} <lora:dusk.v2>", seed=4, steps=3, cfg_scale=5.0, width=64, height=64
+        )
+        with pytest.raises(RuntimeError) as caught:
+            api.txt2img(prompt=f"{PROMPT} <lora:nope:0.5>", seed=1, steps=1, width=64, height=64)
+    status, text = caught.value.args
+    assert status == 400 and "unknown LoRA adapter 'nope': this node's folder has dusk.v2, ink" in text
+    reference(checkpoint, folder, {}, 0, **reference_kwargs(options, steps=1))  # builds the reference pipeline
+    pipe = _REFERENCES[checkpoint, folder]
+    original = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
+    try:
+        kwargs = reference_kwargs(options) | {"prompt": f"{PROMPT} "}  # the tags taken out, the text kept
+        expected = reference(checkpoint, folder, {"ink": 0.8, "dusk.v2": 1.0}, 4, **kwargs)
+    finally:
+        pipe.scheduler = original
+    assert max_difference(result.image, expected) <= 1

@@ -321,6 +321,7 @@ def test_nested_dataclasses_travel_as_maps():
         "job_id": "j",
         "request_id": "r",
         "request": plain(SPEC),
+        "images": [],
     }
 
 

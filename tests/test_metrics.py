@@ -261,9 +261,10 @@ def test_status_table_lists_nodes_and_queues():
         requests_in_flight=2,
     )
     lines = format_status(reply).splitlines()
-    assert lines[0].split() == ["SERVICE", "MODEL", "HOST", "PID", "STATE", "JOBS", "DONE", "LAST", "HEARTBEAT"]
-    assert lines[1].split() == ["encoder", "m", "box", "11", "busy", "1", "3", "1.2s", "ago"]  # encoders first
-    assert lines[2].split() == ["decoder", "m", "box", "12", "idle", "0", "7", "0.4s", "ago"]
+    header = ["SERVICE", "MODEL", "HOST", "PID", "STATE", "JOBS", "DONE", "LAST", "HEARTBEAT", "S/IMAGE"]
+    assert lines[0].split() == header
+    assert lines[1].split() == ["encoder", "m", "box", "11", "busy", "1", "3", "1.2s", "ago", "-"]  # encoders first
+    assert lines[2].split() == ["decoder", "m", "box", "12", "idle", "0", "7", "0.4s", "ago", "-"]
     assert ["encoder", "m", "2"] in [line.split() for line in lines]
     assert not any("unserved" in line for line in lines)
     assert lines[-1] == "requests in flight: 2"

@@ -70,7 +70,7 @@ def test_the_page_and_its_files_are_served_without_a_key_and_the_api_still_wants
 def test_the_status_api_lists_the_nodes_with_their_job_times(gateway):
     status, _, body = fetch(f"{gateway}/v1/status")
     reply = json.loads(body)
-    assert status == 200 and set(reply) == {"nodes", "queues", "requests_in_flight"}
+    assert status == 200 and set(reply) == {"nodes", "queues", "requests_in_flight", "models"}
     services = {(node["service"], node["model"]) for node in reply["nodes"]}
     assert {("encoder", "sd-tiny"), ("denoiser", "sd-tiny"), ("decoder", "sd-tiny")} <= services
     assert all("mean_job_s" in node for node in reply["nodes"])

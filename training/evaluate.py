@@ -19,6 +19,8 @@ from PIL import Image
 
 from training.scenes import Scene, Verdict, held_out_examples, score
 
+STRAY_LIMIT = 0.25  # an object's colour outside its cell, as a share of it inside, above which a copy is drawn
+
 
 def load(folder: Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = sum(v.shapes_ok for v in verdicts)
     backgrounds = sum(v.background_ok for v in verdicts)
     print(f"{passed}/{len(verdicts)} held-out prompts correct ({100 * passed / len(verdicts):.1f}%)")
+    strays = sum(v.stray_share > STRAY_LIMIT for v in verdicts)
     print(f"  shapes {shapes}, backgrounds {backgrounds}; {time.monotonic() - started:.0f}s")
+    print(f"  {strays} images also draw the object's colour elsewhere (stray share over {STRAY_LIMIT})")
     for (_, prompt), verdict, image in zip(examples, verdicts, images, strict=True):
         if not verdict.ok:
             shares = ", ".join(f"{s:.2f}" for s in verdict.shape_shares)

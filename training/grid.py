@@ -3,7 +3,7 @@
     python -m training.grid [--model triptych/demo_model] [--out docs/demo_model_grid.png]
 
 Generated with diffusers' StableDiffusionPipeline from the checkpoint folder (fp32, CPU, seed i
-for prompt i), with the pipeline's default steps and guidance.
+for prompt i), with the pipeline's default 50 steps and the model's recommended guidance.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from training.evaluate import generate, load
+from triptych.demo import RECOMMENDED_GUIDANCE
 
 PROMPTS = (
     "a small yellow star in the top left on a dark blue background",
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/demo_model_grid.png"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    images = generate(load(args.model), list(PROMPTS), seed=0, batch=len(PROMPTS))
+    images = generate(load(args.model), list(PROMPTS), seed=0, batch=len(PROMPTS), guidance_scale=RECOMMENDED_GUIDANCE)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     caption_grid(images, PROMPTS).save(args.out, optimize=True)
     print(args.out)

@@ -234,6 +234,7 @@ class Verdict:
     background_ok: bool
     shape_shares: tuple[float, ...]  # per object: its colour's pixels in its cell / the pixels it should cover
     background_share: float  # background-coloured pixels outside the objects' cells
+    stray_share: float  # pixels of the objects' colours outside their cells / those inside: copies drawn elsewhere
 
     @property
     def ok(self) -> bool:
@@ -262,6 +263,7 @@ def score(scene: Scene, image: Image.Image) -> Verdict:
     and covers at least MIN_SHAPE_SHARE of the area the object covers when drawn at its nominal
     size (a ring or a small star covers far less of its cell than a large square). The background
     passes when its colour covers MIN_BACKGROUND_SHARE of everything outside the objects' cells.
+    A copy of an object drawn in another cell as well does not fail these; ``stray_share`` measures it.
     """
     labels = nearest_colours(image)
     names = list(COLOURS)
@@ -280,9 +282,12 @@ def score(scene: Scene, image: Image.Image) -> Verdict:
         share = float((cell == colour).sum()) / expected
         shares.append(share if counts.argmax() == colour else 0.0)
     background_share = float((labels[outside] == background).mean())
+    coloured = np.isin(labels, [names.index(t.colour) for t in scene.things])
+    stray_share = float(coloured[outside].sum()) / max(int(coloured[~outside].sum()), 1)
     return Verdict(
         shapes_ok=all(s >= MIN_SHAPE_SHARE for s in shares),
         background_ok=background_share >= MIN_BACKGROUND_SHARE,
         shape_shares=tuple(shares),
         background_share=background_share,
+        stray_share=stray_share,
     )

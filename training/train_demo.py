@@ -68,7 +68,7 @@ class Settings:
     vae_lr: float = 1e-4
     vae_channels: tuple[int, ...] = (16, 16, 16, 16)
     examples: int = 12000  # scenes drawn and encoded once for the denoiser
-    steps: int = 2500  # denoiser optimisation steps
+    steps: int = 4500  # denoiser optimisation steps
     batch: int = 32
     lr: float = 1.5e-3
     warmup: int = 100

@@ -79,6 +79,12 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME[:WEIGHT]",
         help="a LoRA adapter of the nodes' --lora-dir, with its weight (default 1); repeat to combine several",
     )
+    parser.add_argument(
+        "--step-cache",
+        metavar="KIND[:VALUE]",
+        help="the denoiser's step cache: off, first_block[:THRESHOLD], taylorseer[:INTERVAL], mag[:THRESHOLD] "
+        "(default: the denoiser's --step-cache)",
+    )
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
     parser.add_argument(
         "--previews", metavar="DIR", help="write the denoiser's live previews to DIR as preview-SEED-stepNNN.png"
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--bind", default=DEFAULT_BROKER, help=f"broker address (default {DEFAULT_BROKER})")
     add_curve_server_arguments(up, " of outside machines")
     _add_device_options(up)
+    _add_lora_dir(up)
     add_log_level(up)
 
     generate = commands.add_parser("generate", help="make images through a running broker")
@@ -158,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="up + generate + shut down, in one command")
     _add_generate_options(run)
-    run.add_argument("--model", help="hub id or local folder (default: a small random-weight demo model)")
+    run.add_argument("--model", help="hub id or local folder (default: the small packaged demo model)")
     _add_device_options(run)
+    _add_lora_dir(run)
     add_curve_client_arguments(run)
     return parser
 
@@ -212,6 +220,21 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="the denoiser's dtype (default: float32 on CPU, the family's own on CUDA)"
     )
+
+
+def _add_lora_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        help="serve the LoRA adapters DIR/NAME.safetensors (the encoder and denoiser nodes)",
+    )
+
+
+def _lora_dir_problem(args: argparse.Namespace) -> str | None:
+    """Checked before any process starts: a node given a missing folder would exit at once."""
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        return f"--lora-dir: {args.lora_dir} is not a folder"
+    return None
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -298,6 +321,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"triptych up: {exc}", file=sys.stderr)
         return 2
+    if (problem := _lora_dir_problem(args)) is not None:
+        print(f"triptych up: {problem}", file=sys.stderr)
+        return 2
     try:
         with tempfile.TemporaryDirectory(prefix="triptych-up-") as folder:
             curve = None
@@ -322,6 +348,7 @@ def _serve_cluster(args: argparse.Namespace, curve: ClusterCurve | None, stop: t
         dtype=args.dtype,
         log_level=args.log_level,
         curve=curve,
+        lora_dir=args.lora_dir,
     )
     with cluster:
         print(f"triptych ready: broker {args.bind}, model {args.name or args.model}", flush=True)
@@ -367,6 +394,7 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
                 num_images=args.num_images,
                 scheduler=args.scheduler,
                 loras=loras,
+                step_cache=args.step_cache,
                 image=args.image,
                 mask=args.mask,
                 strength=args.strength,
@@ -393,11 +421,14 @@ def cmd_generate(args: argparse.Namespace, broker: str | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from triptych.launcher import Cluster, ClusterCurve, LaunchError
 
+    if (problem := _lora_dir_problem(args)) is not None:
+        print(f"triptych: error: {problem}", file=sys.stderr)
+        return 2
     model = args.model
     if model is None:
-        from triptych.demo import demo_model
+        from triptych.demo import demo_model, describe_demo_model
 
-        print("triptych: demo model with random weights — pass --model for real images", file=sys.stderr)
+        print(describe_demo_model(), file=sys.stderr)
         model = str(demo_model())
     with tempfile.TemporaryDirectory(prefix="triptych-") as folder:
         bind = f"ipc://{folder}/broker.sock"
@@ -417,6 +448,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log_level="WARNING",
                 curve=curve,
                 share_cores=False,
+                lora_dir=args.lora_dir,
             )
             with cluster:
                 args.model = ""

@@ -175,6 +175,7 @@ class Client:
         num_images: int = 1,
         scheduler: str | None = None,
         loras: Mapping[str, float] | None = None,
+        step_cache: str | None = None,
         image: ImageIn | list[ImageIn] | None = None,
         mask: ImageIn | None = None,
         mask_alpha: bool = False,
@@ -192,7 +193,9 @@ class Client:
         ``true_cfg`` is ``true_cfg_scale`` (only pipelines that have one take it); ``scheduler`` is
         a sampler name (``euler_a``, ``dpmpp_2m_karras``, ``flow_euler``...), unset: the checkpoint's.
         ``loras`` maps LoRA adapter names (files of the nodes' ``--lora-dir``) to weights, e.g.
-        ``{"ink": 0.8}``; their outputs add up in the order given.
+        ``{"ink": 0.8}``; their outputs add up in the order given. ``step_cache`` is the denoiser's
+        step cache for this request: ``"off"`` or ``KIND[:VALUE]`` (``"first_block:0.1"``), unset: the
+        node's ``--step-cache``.
 
         Images in: ``image`` (PNG/JPEG/WebP bytes, a path or a PIL image, or a list of them for
         models that take several) makes it img2img; with ``mask`` (white repaints, black keeps, as in
@@ -223,6 +226,7 @@ class Client:
             num_images=num_images,
             scheduler=scheduler,
             loras=lora_weights(loras),
+            step_cache=step_cache,
             images=[image_bytes(item, "image") for item in _as_list(image)],
             mask=None if mask is None else image_bytes(mask, "mask"),
             mask_alpha=mask_alpha,

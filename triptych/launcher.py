@@ -165,8 +165,10 @@ class Cluster:
         curve: ClusterCurve | None = None,
         threads: dict[str, int] | None = None,
         share_cores: bool = True,
+        lora_dir: str | None = None,
     ) -> None:
         self.curve = curve
+        self.lora_dir = lora_dir  # --lora-dir of the encoder and the denoiser
         self.threads = threads
         self.share_cores = share_cores
         self.model = model
@@ -214,6 +216,8 @@ class Cluster:
             args = [node_package(service), "--model", self.model, "--broker", self.bind, *named]
             if service == DENOISER:
                 args += ["--device", self.device, "--dtype", self.dtype]
+            if self.lora_dir is not None and service in (ENCODER, DENOISER):
+                args += ["--lora-dir", self.lora_dir]
             env = {"OMP_NUM_THREADS": str(threads[service])} if service in threads else None
             self._spawn(service, args, env)
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,10 +60,11 @@ class NodeContext:
     name: str  # the model name the node registers under
 
     def load(self, **options: Any) -> LoadedStage:
-        """This node's components of the model, through the one loading path."""
+        """This node's components of the model, through the one loading path (``dtype`` may be
+        overridden, e.g. per component as ``{"text_encoder_2": torch.bfloat16, "default": torch.float32}``)."""
         from triptych.families.loading import load_stage
 
-        return load_stage(self.args.model, self.service, device=self.device, dtype=self.dtype, **options)
+        return load_stage(self.args.model, self.service, **{"device": self.device, "dtype": self.dtype, **options})
 
     def info(self) -> dict[str, Any]:
         return {"family": self.family.name, "device": self.device, "dtype": str(self.dtype).removeprefix("torch.")}
@@ -108,6 +110,30 @@ def resolve_device(service: str, device: str, dtype: str, family_dtype: torch.dt
 Build = Callable[[NodeContext], NodeService]
 
 
+class BusyTime:
+    """The node's handler, timed: its stats gain ``busy_seconds``, the seconds spent in handler calls.
+
+    With the ``images`` every node counts, ``busy_seconds / images`` is the node's seconds per image,
+    which `triptych status` and the metrics show per stage.
+    """
+
+    def __init__(self, handler: Handler, stats: Callable[[], dict[str, Hashable]] | None = None) -> None:
+        self.handler = handler
+        self.node_stats = stats
+        self.seconds = 0.0
+
+    def __call__(self, jobs: list, progress: Any) -> list:
+        start = time.perf_counter()
+        try:
+            return self.handler(jobs, progress)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def stats(self) -> dict[str, Hashable]:
+        stats = dict(self.node_stats()) if self.node_stats is not None else {}
+        return stats | {"busy_seconds": round(self.seconds, 3)}
+
+
 def serve(service: str, args: argparse.Namespace, build: Build) -> int:
     """Load the stage and serve until SIGTERM/SIGINT; the job in hand is finished first.
 
@@ -131,14 +157,15 @@ def serve(service: str, args: argparse.Namespace, build: Build) -> int:
         if worker is not None:
             worker.close()
         return 2
+    busy = BusyTime(node.handler, node.stats)
     worker.configure(
-        node.handler,
+        busy,
         capacity=node.capacity,
         max_batch=node.max_batch,
         batch_window=node.batch_window,
         batch_key=node.batch_key,
         info=node.info,
-        stats=node.stats,
+        stats=busy.stats,
     )
 
     def stop(signum: int, frame: object) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from triptych.families.base import Family
 from triptych.families.flux import Flux
 from triptych.families.flux2 import Flux2, Flux2Klein
+from triptych.families.flux_kontext import FluxKontext
 from triptych.families.pixart import PixArtAlpha, PixArtSigma
 from triptych.families.qwenimage import QwenImage
+from triptych.families.qwenimage_edit import QwenImageEdit, QwenImageEditPlus
 from triptych.families.sana import Sana
 from triptych.families.sd import StableDiffusion
 from triptych.families.sd3 import StableDiffusion3
@@ -19,11 +21,14 @@ FAMILIES: tuple[Family, ...] = (
     StableDiffusionXL(),
     StableDiffusion3(),
     Flux(),
+    FluxKontext(),
     PixArtSigma(),
     Sana(),
     Flux2(),
     Flux2Klein(),
     QwenImage(),
+    QwenImageEdit(),
+    QwenImageEditPlus(),
     ZImage(),
 )
 _BY_PIPELINE = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}

@@ -71,6 +71,8 @@ class Family:
     # diffusers pipelines for images in, sharing the text-to-image checkpoint's components; None: not served.
     img2img_pipeline: ClassVar[str | None] = None
     inpaint_pipeline: ClassVar[str | None] = None
+    # Dedicated inpainting checkpoints of another class than inpaint_pipeline (FLUX.1 Fill), served as themselves.
+    inpaint_checkpoints: ClassVar[tuple[str, ...]] = ()
 
     # --- which pipeline serves a request ----------------------------------------------------
 
@@ -82,17 +84,21 @@ class Family:
         """
         name = {TEXT_TO_IMAGE: None, IMAGE_TO_IMAGE: self.img2img_pipeline, INPAINT: self.inpaint_pipeline}[workflow]
         loaded = type(pipe).__name__
+        dedicated = loaded == self.inpaint_pipeline or loaded in self.inpaint_checkpoints
         if workflow == TEXT_TO_IMAGE:
-            if loaded == self.inpaint_pipeline:
+            if dedicated:
                 raise RequestError("image", f"{loaded} is an inpainting checkpoint: it needs an image and a mask")
             return pipe
-        if name is None:
+        if name is None and not dedicated:
             raise RequestError("image", f"{self.name} takes no images in ({workflow} is not served for it)")
-        if loaded == self.inpaint_pipeline and workflow != INPAINT:
+        if dedicated and workflow != INPAINT:
             raise RequestError("mask", f"{loaded} is an inpainting checkpoint: it needs a mask")
-        if loaded == name or loaded == self.inpaint_pipeline:
+        if loaded == name or dedicated:
             if getattr(pipe, "vae", None) is None and pipe in _VAE_CONFIGS:  # what the pipeline reads of its VAE
-                pipe.vae = SimpleNamespace(config=SimpleNamespace(**_VAE_CONFIGS[pipe]))
+                if dedicated:  # its processors, too, were made without the VAE's latent channels
+                    self._as_with_vae(pipe, pipe)
+                else:
+                    pipe.vae = SimpleNamespace(config=SimpleNamespace(**_VAE_CONFIGS[pipe]))
             return pipe
         variants = _VARIANTS.setdefault(pipe, {})
         if name not in variants:

@@ -15,6 +15,15 @@ Guidance:
   without one the result is diffusers'. Step-distilled klein checkpoints (``is_distilled``)
   ignore guidance, and no negative prompt is encoded for them.
 
+Reference images (``image=``, Flux2Pipeline only). The decoder node prepares each image as the
+pipeline does -- shrunk to 1024 x 1024 pixels' area if larger, sides cut down to multiples of 16,
+centre-cropped to them -- and encodes it with the VAE's mode (no generator is drawn from), patched
+and batch-norm normalized: (N, 128, h/2, w/2) each. The denoiser runs the pipeline with stand-in
+images, its VAE encode answered with those latents; the pipeline packs them after the noise tokens
+with their own time coordinates. The image is made at the request's size, else the first image's.
+The pipeline gives every image of a call the same references, so only requests with the same
+images denoise together. No strength: the references are context, the image starts from noise.
+
 Latents. The 32-channel VAE works on 2x2 patches (128 channels) normalized by its batch-norm
 statistics. The decoder undoes that: un-pack (dev) or re-patch (klein) to (1, 128, h/2, w/2),
 scale by the running std and add the running mean, un-patch to (1, 32, h, w), decode.
@@ -23,17 +32,102 @@ scale by the running std and add the running mean, un-patch to (1, 32, h, w), de
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from PIL import Image
 
-from protocol.messages import RequestSpec, ResolvedParams
-from triptych.families.base import Tensors, TransformerFamily
+from protocol.errors import RequestError
+from protocol.messages import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, ImageInputs, RequestSpec, ResolvedParams
+from triptych.families.base import LatentsFn, StepFn, Tensors, TransformerFamily
+from triptych.families.references import VaeStandIn, answered_vae_encode, stand_in
+
+if TYPE_CHECKING:
+    from triptych.families.lora import LoraAdapters
+
+_AREA = 1024 * 1024  # reference images larger than this are shrunk to it
+
+
+def _latents_name(index: int) -> str:
+    return f"image_latents_{index}"  # ImageInputs tensor: reference image ``index``'s latents, (N, 128, h/2, w/2)
 
 
 class Flux2(TransformerFamily):
     name = "flux2"
     pipelines = ("Flux2Pipeline",)
+    img2img_pipeline: ClassVar[str | None] = "Flux2Pipeline"  # the same pipeline, given reference images
+    max_images: ClassVar[int] = 10  # FLUX.2 [dev] is made for up to ten reference images
+
+    # --- reference images ---------------------------------------------------------------------
+
+    def strength(self, pipe: Any, request: RequestSpec) -> float | None:
+        if request.strength is not None:
+            raise RequestError("strength", f"{type(pipe).__name__} takes no strength: its images are references")
+        return None
+
+    def encode_images(
+        self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
+    ) -> ImageInputs:
+        if self.img2img_pipeline is None:
+            raise RequestError("image", f"{self.name} takes no images in")
+        if mask is not None:
+            raise RequestError("mask", f"{type(pipe).__name__} takes reference images, and no mask")
+        if len(images) > self.max_images:
+            raise RequestError(
+                "image", f"{type(pipe).__name__} reads at most {self.max_images} images (got {len(images)})"
+            )
+        if request.strength is not None:
+            self.strength(pipe, request)
+        processor, vae, count = pipe.image_processor, pipe.vae, request.num_images
+        tensors, first = {}, None
+        for index, image in enumerate(images):
+            # 4. process images, as Flux2Pipeline.__call__ does.
+            try:
+                processor.check_image_input(image)
+            except ValueError as exc:
+                raise RequestError("image", f"image: {exc}") from None
+            width, height = image.size
+            if width * height > _AREA:
+                image = processor._resize_to_target_area(image, _AREA)
+                width, height = image.size
+            multiple = pipe.vae_scale_factor * 2
+            width, height = width // multiple * multiple, height // multiple * multiple
+            pixels = processor.preprocess(image, height=height, width=width, resize_mode="crop")
+            latents = pipe._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=None)  # the mode: no draws
+            tensors[_latents_name(index)] = latents.float().cpu().expand(count, -1, -1, -1).contiguous()
+            first = first or (height, width)
+        states = [torch.Generator("cpu").manual_seed(request.seed + i).get_state() for i in range(count)]
+        height, width = request.height or first[0], request.width or first[1]
+        return ImageInputs(tensors=tensors, generator_state=torch.stack(states), height=height, width=width)
+
+    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
+        # The pipeline repeats one set of references for the whole call: only the same images batch.
+        return (*super().batch_key(pipe, embeds, request, images), tuple(request.image_sha256))
+
+    def image_kwargs(self, runner: Any, images: list[ImageInputs], params: ResolvedParams) -> dict[str, Any]:
+        # Stand-ins the pipeline checks and preprocesses; its VAE encode is answered with the latents.
+        return {"image": [stand_in(64, 64, smallest=64) for _ in images[0].tensors]}
+
+    def denoise(
+        self,
+        pipe: Any,
+        batch: list[tuple[Tensors, RequestSpec]],
+        on_step: StepFn,
+        images: list[ImageInputs | None] | None = None,
+        on_latents: LatentsFn | None = None,
+        adapters: LoraAdapters | None = None,
+    ) -> list[tuple[torch.Tensor, ResolvedParams]]:
+        if batch[0][1].workflow == TEXT_TO_IMAGE or not images or images[0] is None:
+            return super().denoise(pipe, batch, on_step, images=images, on_latents=on_latents, adapters=adapters)
+        runner = self.pipeline_for(pipe, IMAGE_TO_IMAGE)
+        denoiser = getattr(runner, self.denoiser_attr)
+        first = images[0].tensors
+        # One row: the pipeline encodes each reference once and repeats it for every image of the call.
+        latents = [first[_latents_name(k)][:1].to(denoiser.device, denoiser.dtype) for k in range(len(first))]
+        # prepare_image_latents reads the VAE's device and dtype, which the denoiser's pipeline has no VAE for.
+        vae = VaeStandIn(getattr(runner.vae, "config", None), denoiser.device, denoiser.dtype)
+        with answered_vae_encode(runner, latents, vae):
+            return super().denoise(pipe, batch, on_step, images=images, on_latents=on_latents, adapters=adapters)
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # The pipelines fix their default (1024 px) whatever the transformer config says.
@@ -85,6 +179,7 @@ class Flux2(TransformerFamily):
 class Flux2Klein(Flux2):
     name = "flux2-klein"
     pipelines = ("Flux2KleinPipeline",)
+    img2img_pipeline = None  # reference images are served for Flux2Pipeline only
 
     def uses_negative(self, pipe: Any, request: RequestSpec) -> bool:
         return self.guidance(pipe, request) > 1.0 and not pipe.config.is_distilled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from protocol.stages import DENOISER, ENCODER
 from triptych.families import Family, family_for_pipeline
 
 logger = logging.getLogger(__name__)
+
+# (model, family, device, dtype) -> the denoiser module, placed where it runs
+DenoiserLoader = Callable[[str, Family, str, torch.dtype], torch.nn.Module]
 
 
 @dataclass
@@ -48,10 +52,13 @@ def load_stage(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
+    denoiser: DenoiserLoader | None = None,
 ) -> LoadedStage:
     """The family's pipeline with only ``service``'s components, on ``device``.
 
     ``no_t5``: the encoder leaves out the family's optional T5 (:attr:`Family.optional_t5`).
+    ``denoiser``: the denoiser node's own loading of its UNet/transformer (quantized, from a GGUF
+    file, group-offloaded: ``denoiser_node.fit``), which also puts it where it runs.
     """
     import diffusers
     import transformers
@@ -72,8 +79,10 @@ def load_stage(
     pipeline_class = getattr(diffusers, model_index["_class_name"])
     loaded = [name for name in keep if name not in skipped]
     logger.info("loading %s %s for the %s (%s)", family.name, model, service, ", ".join(loaded))
-    pipe = pipeline_class.from_pretrained(model, dtype=dtype, **skipped)
-    pipe.to(device)
+    given = {family.denoiser_attr: denoiser(model, family, device, dtype)} if denoiser and service == DENOISER else {}
+    pipe = pipeline_class.from_pretrained(model, dtype=dtype, **skipped, **given)
+    if not given:  # a given denoiser is already on its device, or group-offloaded (which .to would undo)
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if service == ENCODER:
         family.prepare_encoder(pipe, model)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from protocol.messages import RequestSpec, ResolvedParams
+from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
 from triptych.families.lora import lora_key
 
@@ -72,9 +72,9 @@ class QwenImage(TransformerFamily):
 
     # --- denoise ----------------------------------------------------------------------------
 
-    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec) -> tuple:
+    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
         # As the default, but without the sequence length: batch_embeds pads prompts to one length.
-        params = self.resolve_params(pipe, request)
+        params = self.resolve_params(pipe, request, images)
         widths = tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
         settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width)
         return (*settings, widths, lora_key(request.loras))

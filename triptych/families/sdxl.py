@@ -7,6 +7,17 @@ pipeline computes them from the height and width, as it does when run whole.
 With no negative prompt, SDXL base checkpoints (``force_zeros_for_empty_prompt``) guide against
 zero embeddings rather than an encoded "". The encoder then sends no negative tensors and the
 denoiser's pipeline makes the zeros itself, exactly where diffusers makes them.
+
+Inpainting (``StableDiffusionXLInpaintPipeline``) runs with a text-to-image checkpoint's own
+components, and a dedicated inpainting checkpoint (9-channel UNet: latents, mask, masked image)
+loads as that pipeline itself. As for Stable Diffusion, the decoder node preprocesses the image and
+mask to the requested size (default: the UNet's), samples the image's latents with each image's
+generator and, for a 9-channel UNet, the masked image's after the pipeline's noise draw; the
+denoiser's pipeline takes the latents in place of pixels and blends (4 channels) or concatenates
+(9 channels) exactly as when run whole. A 4-channel UNet never reads the masked image, so it is
+not encoded (diffusers encodes it and drops it). Where diffusers samples the masked image's
+latents, the denoiser's pipeline draws as much from each generator, so a stochastic sampler's
+per-step noise comes from the same point of the stream as in diffusers.
 """
 
 from __future__ import annotations
@@ -17,15 +28,16 @@ import torch
 from PIL import Image
 
 from protocol.errors import RequestError
-from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
+from protocol.messages import INPAINT, ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
 from triptych.families.base import Family, Tensors
 
 
 class StableDiffusionXL(Family):
     name = "stable-diffusion-xl"
-    pipelines = ("StableDiffusionXLPipeline",)
+    pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
     img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
+    inpaint_pipeline = "StableDiffusionXLInpaintPipeline"
     components = {
         ENCODER: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
         DENOISER: ("unet", "scheduler"),
@@ -43,13 +55,54 @@ class StableDiffusionXL(Family):
     def encode_images(
         self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict
     ) -> ImageInputs:
-        if len(images) != 1 or mask is not None:
-            raise RequestError("image", f"{self.name} takes one init image, and no mask")
+        if len(images) != 1:
+            raise RequestError("image", f"{self.name} takes one init image (got {len(images)})")
         runner = self.pipeline_for(pipe, request.workflow)
+        if mask is not None:
+            return self._encode_inpaint(runner, request, images[0], mask, denoiser)
         for side in ("height", "width"):
             if getattr(request, side) is not None:
                 raise RequestError(side, f"{side}: {type(runner).__name__} makes the init image's size")
         return self.encode_img2img(runner, request, images[0], {}, sample=_sdxl_sample)
+
+    def pipeline_for(self, pipe: Any, workflow: str) -> Any:
+        runner = super().pipeline_for(pipe, workflow)
+        if workflow == INPAINT and runner.unet is not None:
+            _draw_as_the_masked_encode(runner)
+        return runner
+
+    def _encode_inpaint(
+        self, runner: Any, request: RequestSpec, image: Image.Image, mask: Image.Image, denoiser: dict
+    ) -> ImageInputs:
+        scale = runner.vae_scale_factor
+        height = request.height or denoiser["sample_size"] * scale
+        width = request.width or denoiser["sample_size"] * scale
+        # StableDiffusionXLInpaintPipeline.__call__, steps 5 to 7, on this side.
+        pixels = runner.image_processor.preprocess(image, height=height, width=width).float()  # (1, 3, H, W)
+        condition = runner.mask_processor.preprocess(mask, height=height, width=width)  # (1, 1, H, W), 0 or 1
+        channels = denoiser["in_channels"]
+        # Its prepare_latents samples the image's latents when the UNet blends them in (4 channels) or
+        # the strength keeps some of the image; then the noise; then prepare_mask_latents the masked image's.
+        encodes_image = channels == 4 or self.strength(runner, request) < 1.0
+        latent_shape = (1, runner.vae.config.latent_channels, height // scale, width // scale)
+        image_latents, masked_latents, states = [], [], []
+        for i in range(request.num_images):
+            generator = torch.Generator("cpu").manual_seed(request.seed + i)
+            if encodes_image:
+                image_latents.append(_inpaint_sample(runner, pixels, generator))
+            else:
+                image_latents.append(torch.zeros(latent_shape))  # read by no step of the pipeline
+            states.append(generator.get_state())
+            if channels != 4:  # the 9-channel UNet's input; a 4-channel one never reads it
+                torch.randn(latent_shape, generator=generator, dtype=torch.float32)  # the pipeline's noise draw
+                masked_latents.append(_inpaint_sample(runner, pixels * (condition < 0.5), generator))
+        tensors = {
+            "image": torch.cat(image_latents),  # (N, 4, h, w)
+            "mask_image": (condition > 0.5).expand(request.num_images, -1, -1, -1).contiguous(),  # (N, 1, H, W)
+        }
+        if masked_latents:
+            tensors["masked_image_latents"] = torch.cat(masked_latents)  # (N, 4, h, w)
+        return ImageInputs(tensors=tensors, generator_state=torch.stack(states), height=height, width=width)
 
     def encode_text(self, pipe: Any, text: str) -> Tensors:
         # (1, 77, 2048) and a pooled (1, 1280) for SDXL base. A negative prompt is encoded exactly
@@ -85,11 +138,13 @@ def _sdxl_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generator) 
     (force_upcast), then normalized per channel (latents_mean/std) or scaled."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
 
-    vae, dtype = runner.vae, pixels.dtype
+    vae, dtype, vae_dtype = runner.vae, pixels.dtype, runner.vae.dtype
     if vae.config.force_upcast:
         pixels = pixels.float()
         vae.to(torch.float32)
     latents = retrieve_latents(vae.encode(pixels), generator=generator).to(dtype)
+    if vae.config.force_upcast:
+        vae.to(vae_dtype)  # as the pipeline does: later decodes run in the node's dtype again
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:
         shape = (1, latents.shape[1], 1, 1)
@@ -97,3 +152,43 @@ def _sdxl_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generator) 
         std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
         return (latents - mean) * vae.config.scaling_factor / std
     return vae.config.scaling_factor * latents
+
+
+def _inpaint_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """StableDiffusionXLInpaintPipeline's own VAE encode: scaled only (it does not normalize with
+    latents_mean/std, as img2img does), in float32 where the VAE must be."""
+    vae = runner.vae
+    return runner._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=generator).float().cpu()
+
+
+def _draw_as_the_masked_encode(runner: Any) -> None:
+    """Make a denoiser's StableDiffusionXLInpaintPipeline draw from each generator, after preparing
+    the mask, what its VAE encode of the masked image draws there when run whole (one latent sample):
+    the masked image's latents come ready (or unused), but the generators' later draws, a stochastic
+    sampler's noise, must come from where they would."""
+    if getattr(runner, "_draws_as_the_masked_encode", False):
+        return
+    prepare_mask_latents = runner.prepare_mask_latents
+
+    def prepare(
+        mask: torch.Tensor,
+        masked_image: torch.Tensor | None,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prepared = prepare_mask_latents(
+            mask, masked_image, batch_size, height, width, dtype, device, generator, do_classifier_free_guidance
+        )
+        scale = runner.vae_scale_factor
+        shape = (1, runner.vae.config.latent_channels, height // scale, width // scale)
+        for each in generator if isinstance(generator, list) else [generator]:
+            torch.randn(shape, generator=each, dtype=torch.float32)
+        return prepared
+
+    runner.prepare_mask_latents = prepare
+    runner._draws_as_the_masked_encode = True

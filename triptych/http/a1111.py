@@ -7,8 +7,10 @@ pipeline's ``guidance_scale``, ``batch_size`` x ``n_iter`` images are made with 
 (``-1``: a random seed), and ``sampler_name`` (with A1111's ``scheduler``, its noise schedule)
 names one of the model's samplers: "Euler a" is ``euler_a``, "DPM++ 2M" with "Karras" is
 ``dpmpp_2m_karras``, and triptych's own names are taken as they are. Unset fields take the
-model's pipeline defaults. Features triptych does not have (hires fix, face restoration, tiling,
-styles, scripts) are refused when asked for, naming the field; extension settings
+model's pipeline defaults. ``<lora:NAME:WEIGHT>`` in the prompt (the web UI's extra-network
+syntax, weight default 1) is taken out of it, as the web UI does, and becomes the request's LoRA
+adapters; ``/sdapi/v1/loras`` lists the current model's. Features triptych does not have (hires
+fix, face restoration, tiling, styles, scripts) are refused when asked for, naming the field; extension settings
 (``alwayson_scripts``) and other ``override_settings`` are ignored.
 
 The web UI has one current model for everyone; here each API key has its own
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -78,8 +81,10 @@ _UNSUPPORTED = {
     "styles": "prompt styles",
     "script_name": "scripts",
 }
+# `<lora:NAME>` or `<lora:NAME:WEIGHT>` in a prompt: the web UI's extra-network syntax (its `<(\w+):([^>]+)>`).
+_LORA_TAG = re.compile(r"<lora:([^>]+)>")
 # Lists the web UI has and triptych has nothing for (yet): answered empty, so front ends that ask work.
-EMPTY_LISTS = ("loras", "hypernetworks", "sd-vae", "prompt-styles", "face-restorers", "realesrgan-models")
+EMPTY_LISTS = ("hypernetworks", "sd-vae", "prompt-styles", "face-restorers", "realesrgan-models")
 
 
 def sampler_for(name: str | None, schedule: str | None, accepted: list[str]) -> str | None:
@@ -105,6 +110,33 @@ def sampler_for(name: str | None, schedule: str | None, accepted: list[str]) -> 
     offered = ", ".join(dict.fromkeys(DISPLAY_NAMES.get(s, s) for s in accepted)) or "only its own scheduler"
     asked = f"{name!r}" + (f" with the {schedule} schedule" if suffix else "")
     raise invalid("sampler_name", f"sampler {asked} is not available for this model; it takes {offered}")
+
+
+def prompt_loras(prompt: str) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:NAME[:WEIGHT]>`` tags, and the adapters they name, in order.
+
+    As the web UI does, each tag is replaced by nothing (the text around it is kept as it is) and a
+    missing weight is 1. A tag that is not NAME or NAME:WEIGHT with a finite number, or an adapter
+    named twice, is a 400 naming ``prompt``. Whether the adapter exists is the denoiser's to say: it
+    lists its folder as requests come.
+    """
+    loras: dict[str, float] = {}
+
+    def take(match: re.Match) -> str:
+        name, _, weight_text = match[1].partition(":")
+        name = name.strip()
+        try:
+            weight = 1.0 if not weight_text else float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not name or not math.isfinite(weight):
+            raise invalid("prompt", f"{match[0]}: a LoRA tag is <lora:NAME> or <lora:NAME:WEIGHT> with a number")
+        if name in loras:
+            raise invalid("prompt", f"the prompt names LoRA {name!r} more than once")
+        loras[name] = weight
+        return ""
+
+    return _LORA_TAG.sub(take, prompt), loras
 
 
 @dataclass
@@ -210,6 +242,13 @@ class WebUIApi:
             ]
         )
 
+    async def loras(self, request: Request) -> Response:
+        """The current model's adapters in the web UI's shape; ``path`` is the file within the nodes'
+        ``--lora-dir`` (the nodes' own paths are theirs)."""
+        model = await self._current_model(request)
+        names = self.gateway.models.loras(model)
+        return JSONResponse([{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}} for n in names])
+
     async def upscalers(self, request: Request) -> Response:
         none = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
         return JSONResponse([none])
@@ -291,7 +330,7 @@ class WebUIApi:
         answer = {
             "images": [base64.b64encode(image.png).decode("ascii") for image in images] if send else [],
             "parameters": {key: value for key, value in body.items() if key not in ("init_images", "mask")},
-            "info": json.dumps(info(params, sampler, images, job.started)),
+            "info": json.dumps(info(params, sampler, images, job.started, prompt=body.get("prompt"))),
         }
         return JSONResponse(answer)
 
@@ -368,8 +407,9 @@ def parse_txt2img(body: dict, model: str, samplers: list[str]) -> tuple[Generati
         raise invalid("seed", f"seed must be -1 or between 0 and {MAX_SEED - count} (got {seed})")
     name = _text(body, "sampler_name") or _text(body, "sampler_index")
     scheduler = sampler_for(name, _text(body, "scheduler"), samplers)
+    prompt, loras = prompt_loras(_text(body, "prompt") or "")
     params = GenerationParams(
-        prompt=_text(body, "prompt") or "",
+        prompt=prompt,
         model=model,
         n=count,
         width=_number(body, "width", int),
@@ -383,6 +423,7 @@ def parse_txt2img(body: dict, model: str, samplers: list[str]) -> tuple[Generati
         scheduler=scheduler,
         user="",
         preview_every=None,
+        loras=loras,
     )
     check = GenerateRequest(
         request_id="check",
@@ -396,16 +437,21 @@ def parse_txt2img(body: dict, model: str, samplers: list[str]) -> tuple[Generati
         seed=seed,
         num_images=count,
         scheduler=scheduler,
+        loras=loras,
     )
     if (problem := request_error(check)) is not None:
         bad, message = problem
-        names = {"guidance": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name"}
+        names = {"guidance": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name", "loras": "prompt"}
         raise invalid(names.get(bad, bad), message)
     return params, name or ""
 
 
-def info(params: GenerationParams, sampler: str, images: list[GeneratedImage], started: float) -> dict:
-    """The web UI's ``info``: the settings every image was made with, as the pipeline resolved them."""
+def info(
+    params: GenerationParams, sampler: str, images: list[GeneratedImage], started: float, prompt: str | None = None
+) -> dict:
+    """The web UI's ``info``: the settings every image was made with, as the pipeline resolved them;
+    ``prompt`` is the prompt as sent, ``<lora:...>`` tags and all, as the web UI reports it."""
+    prompt = prompt if isinstance(prompt, str) else params.prompt
     resolved = images[0].params if images else {}
     seeds = [image.seed for image in images]
     width, height = resolved.get("width", params.width), resolved.get("height", params.height)
@@ -414,15 +460,15 @@ def info(params: GenerationParams, sampler: str, images: list[GeneratedImage], s
     negative = params.negative_prompt or ""
     texts = []
     for seed in seeds:
-        lines = [params.prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+        lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
         lines.append(
             f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, "
             f"Model: {params.model}, Version: triptych"
         )
         texts.append("\n".join(lines))
     return {
-        "prompt": params.prompt,
-        "all_prompts": [params.prompt] * len(images),
+        "prompt": prompt,
+        "all_prompts": [prompt] * len(images),
         "negative_prompt": negative,
         "all_negative_prompts": [negative] * len(images),
         "seed": params.seed,
@@ -473,6 +519,8 @@ def routes(gateway: Gateway) -> list[Route]:
         ("/sdapi/v1/progress", api.get_progress, "GET"),
         ("/sdapi/v1/interrupt", api.interrupt, "POST"),
         ("/sdapi/v1/refresh-checkpoints", api.refresh, "POST"),
+        ("/sdapi/v1/loras", api.loras, "GET"),
+        ("/sdapi/v1/refresh-loras", api.refresh, "POST"),
         *((f"/sdapi/v1/{name}", api.empty, "GET") for name in EMPTY_LISTS),
     ]
     return [Route(path, _guarded(handler), methods=[method]) for path, handler, method in table]

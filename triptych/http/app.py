@@ -97,7 +97,8 @@ class Gateway:
 
     def _model_card(self, model: str) -> dict:
         card = {"id": model, "object": "model", "created": self.started, "owned_by": "triptych"}
-        return card | {"samplers": self.models.samplers(model), "loras": self.models.loras(model)}
+        offers = {"samplers": self.models.samplers(model), "loras": self.models.loras(model)}
+        return card | offers | {"step_caches": self.models.step_caches(model)}
 
     async def list_models(self, request: Request) -> JSONResponse:
         models = await self.models.served(fresh=True)
@@ -134,6 +135,7 @@ class Gateway:
                 num_images=params.n,
                 scheduler=params.scheduler,
                 loras=params.loras,
+                step_cache=params.step_cache,
                 image=params.images or None,
                 mask=params.mask,
                 mask_alpha=params.mask_alpha,

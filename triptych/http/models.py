@@ -34,6 +34,7 @@ class ModelCatalog:
         self._models: list[str] = []
         self._samplers: dict[str, list[str]] = {}  # model -> the sampler names its denoisers accept
         self._loras: dict[str, list[str]] = {}  # model -> the LoRA adapters in its denoisers' folders
+        self._step_caches: dict[str, list[str]] = {}  # model -> the step-cache kinds its denoisers apply
         self._models_at = -math.inf
 
     async def served(self, fresh: bool = False) -> list[str]:
@@ -54,11 +55,12 @@ class ModelCatalog:
                 for node in nodes
                 if node["service"] == DENOISER and isinstance(node.get("info", {}).get("samplers"), list)
             }
-            self._loras = {}
+            self._loras, self._step_caches = {}, {}
             for node in nodes:
-                names = node.get("info", {}).get("loras")
-                if node["service"] == DENOISER and isinstance(names, list):
-                    self._loras[node["model"]] = sorted(set(self._loras.get(node["model"], [])) | set(map(str, names)))
+                for key, offers in (("loras", self._loras), ("step_caches", self._step_caches)):
+                    names = node.get("info", {}).get(key)
+                    if node["service"] == DENOISER and isinstance(names, list):
+                        offers[node["model"]] = sorted(set(offers.get(node["model"], [])) | set(map(str, names)))
             self._models_at = time.monotonic()
         return self._models
 
@@ -70,6 +72,10 @@ class ModelCatalog:
         """The LoRA adapters a model's denoisers had in their folders when they started (as of the last
         :meth:`served`)."""
         return self._loras.get(model, [])
+
+    def step_caches(self, model: str) -> list[str]:
+        """The step-cache kinds a model's denoisers apply (as of the last :meth:`served`)."""
+        return self._step_caches.get(model, [])
 
     async def resolve(self, model: str) -> str:
         """The model to ask the broker for: a served one, or the only one when none is named."""

@@ -67,6 +67,7 @@ class GenerationParams:
     mask_alpha: bool = False  # the mask is OpenAI's: transparent pixels mark what to edit
     strength: float | None = None  # images/edits: the pipeline's strength
     loras: dict[str, float] = field(default_factory=dict)  # LoRA adapter name -> weight, in the body's order
+    step_cache: str | None = None  # the denoiser's step cache, "off" or KIND[:VALUE]; None: the node's default
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
@@ -192,6 +193,7 @@ def parse_generation(body: Any) -> GenerationParams:
         partial_images=partial_images,
         preview_every=_field(body, "preview_every", int),
         loras=_loras(body),
+        step_cache=_field(body, "step_cache", str),
     )
     # The broker's own bounds (prompt length...), so that they too come back naming the field.
     check = GenerateRequest(
@@ -208,6 +210,7 @@ def parse_generation(body: Any) -> GenerationParams:
         num_images=n,
         scheduler=params.scheduler,
         loras=params.loras,
+        step_cache=params.step_cache,
         preview_every=params.preview_every,
         user=params.user,
     )

@@ -19,14 +19,21 @@ from diffusers import (
     DiffusionPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
+    FluxFillPipeline,
+    FluxKontextPipeline,
     FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     SanaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
     ZImagePipeline,
 )
 from transformers import (
@@ -69,6 +76,7 @@ from triptych.testing.components import (
     t5_config,
     zimage_transformer,
 )
+from triptych.testing.processors import qwen2_vl_processor
 from triptych.testing.tokenizers import (
     QWEN3_CHAT_TEMPLATE,
     clip_tokenizer,
@@ -162,6 +170,15 @@ def _build_sdxl(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     )
 
 
+def _build_sdxl_inpainting(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """SDXL inpainting layout (stable-diffusion-xl-1.0-inpainting-0.1): the SDXL base components
+    with a 9-channel UNet (latents, mask, masked image latents)."""
+    components = _build_sdxl(seed, text_encoder_scale).components
+    config = {k: v for k, v in components["unet"].config.items() if not k.startswith("_")} | {"in_channels": 9}
+    unet = _Seeded(seed)(4, UNet2DConditionModel.from_config, config)
+    return StableDiffusionXLInpaintPipeline(**{**components, "unet": unet}, requires_aesthetics_score=False)
+
+
 def _build_sd3(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     """SD3 medium layout: CLIP-L + CLIP-G + T5, MMDiT, 16-channel VAE, flow matching."""
     tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(pad_token="!"), t5_tokenizer()
@@ -199,6 +216,25 @@ def _build_flux(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
         vae=seeded(3, flow_vae, scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024),
         scheduler=flux_scheduler(),
     )
+
+
+def _build_flux_fill(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """FLUX.1-Fill-dev layout: FLUX.1's components with a transformer that also reads the masked
+    image's packed latents (4 x 16) and the packed 8x8 mask (4 x 64) beside the noisy latents."""
+    components = _build_flux(seed, text_encoder_scale).components
+    del components["image_encoder"], components["feature_extractor"]  # FluxFillPipeline takes no IP-Adapter
+    config = {k: v for k, v in components["transformer"].config.items() if not k.startswith("_")}
+    config |= {"in_channels": 64 + 64 + 256, "out_channels": 64}  # it still predicts the 64 latent channels
+    transformer = _Seeded(seed)(4, FluxTransformer2DModel.from_config, config)
+    return FluxFillPipeline(**{**components, "transformer": transformer})
+
+
+def _build_flux_kontext(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """FLUX.1 Kontext layout: FLUX.1-dev's components, the image to edit appended to the sequence.
+
+    Its images are about 1024 x 1024 pixels whatever size is asked for (``max_area``).
+    """
+    return FluxKontextPipeline(**_build_flux(seed, text_encoder_scale).components)
 
 
 def _build_sana(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
@@ -239,6 +275,21 @@ def _build_qwenimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
     if len(tokenizer(prefix).input_ids) != pipeline.prompt_template_encode_start_idx:
         raise RuntimeError("tiny Qwen tokenizer no longer matches QwenImagePipeline's prompt template")
     return pipeline
+
+
+def _build_qwenimage_edit(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Qwen-Image-Edit layout: Qwen-Image's components, with a Qwen2.5-VL processor that shows the encoder the image.
+
+    The processor gives an image at most 16 tokens (the released one, about 1300 for a 1 MP image).
+    Load the checkpoint with ``triptych.testing.processors`` imported: its processor class lives there.
+    """
+    components = _build_qwenimage(seed, text_encoder_scale).components
+    return QwenImageEditPipeline(processor=qwen2_vl_processor(components["tokenizer"]), **components)
+
+
+def _build_qwenimage_edit_plus(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
+    """Qwen-Image-Edit Plus (2509) layout: as Qwen-Image-Edit, several images per prompt."""
+    return QwenImageEditPlusPipeline(**_build_qwenimage_edit(seed, text_encoder_scale).components)
 
 
 def _build_zimage(seed: int, text_encoder_scale: int) -> DiffusionPipeline:
@@ -301,10 +352,15 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "pixart-alpha": _build_pixart_alpha,
     "pixart-sigma": _build_pixart_sigma,
     "sdxl": _build_sdxl,
+    "sdxl-inpainting": _build_sdxl_inpainting,
     "sd3": _build_sd3,
     "flux": _build_flux,
+    "flux-fill": _build_flux_fill,
+    "flux-kontext": _build_flux_kontext,
     "sana": _build_sana,
     "qwenimage": _build_qwenimage,
+    "qwenimage-edit": _build_qwenimage_edit,
+    "qwenimage-edit-plus": _build_qwenimage_edit_plus,
     "zimage": _build_zimage,
     "flux2": _build_flux2,
     "flux2-klein": _build_flux2_klein,
