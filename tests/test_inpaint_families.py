@@ -1,4 +1,4 @@
-"""Inpainting for SDXL, SD3 and FLUX.1: the split stages equal diffusers' own inpainting pipelines.
+"""Inpainting for SD 1/2 with stochastic samplers, SDXL, SD3 and FLUX.1: the split stages equal diffusers' own inpainting pipelines.
 
 Each image i of a request is compared with the diffusers pipeline run whole for that image alone,
 with a generator seeded seed + i: the text-to-image checkpoint through ``from_pipe`` (the same
@@ -47,6 +47,16 @@ def check_inpaint(path, pipeline_class: str, seed: int, options: dict, image: Im
         expected = reference(pipeline_class, path, seed + index, options.get("scheduler"), **kwargs)
         assert got.size == expected.size
         assert max_difference(got, expected) <= 1, f"image {index}"
+
+
+# --- Stable Diffusion 1.x / 2.x -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_sde_karras"])
+def test_sd_inpaint_with_a_stochastic_sampler_equals_diffusers(family_checkpoint, scheduler):
+    """The per-step draws come from where diffusers' do, after its masked image encode on the same generator."""
+    options = {"guidance": 6.0, "strength": 0.8, "scheduler": scheduler}
+    check_inpaint(family_checkpoint("sd"), "StableDiffusionInpaintPipeline", 31, options, init_image(), mask_image())
 
 
 # --- Stable Diffusion XL ----------------------------------------------------------------------

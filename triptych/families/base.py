@@ -523,3 +523,36 @@ class TransformerFamily(Family):
     cuda_dtype: ClassVar[torch.dtype] = torch.bfloat16
     denoiser_attr: ClassVar[str] = "transformer"
     samplers: ClassVar[tuple[str, ...]] = FLOW_SAMPLERS
+
+
+def draw_as_the_masked_encode(runner: Any) -> None:
+    """Make a denoiser's Stable Diffusion (XL) inpainting pipeline draw from each generator, after preparing
+    the mask, what its VAE encode of the masked image draws there when run whole (one latent sample):
+    the masked image's latents come ready (or unused), but the generators' later draws, a stochastic
+    sampler's noise, must come from where they would."""
+    if getattr(runner, "_draws_as_the_masked_encode", False):
+        return
+    prepare_mask_latents = runner.prepare_mask_latents
+
+    def prepare(
+        mask: torch.Tensor,
+        masked_image: torch.Tensor | None,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prepared = prepare_mask_latents(
+            mask, masked_image, batch_size, height, width, dtype, device, generator, do_classifier_free_guidance
+        )
+        scale = runner.vae_scale_factor
+        shape = (1, runner.vae.config.latent_channels, height // scale, width // scale)
+        for each in generator if isinstance(generator, list) else [generator]:
+            torch.randn(shape, generator=each, dtype=torch.float32)
+        return prepared
+
+    runner.prepare_mask_latents = prepare
+    runner._draws_as_the_masked_encode = True

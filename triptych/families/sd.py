@@ -8,8 +8,8 @@ and encodes it, sampling from the VAE's latent distribution with each image's ge
 denoiser's pipeline takes the scaled latents in place of pixels (its latent pass-through) and its
 generators go on from the state the sampling left them in. So the pipeline draws the same noise as
 when run whole. For inpainting the masked image's latents are encoded there too, after the draws
-the pipeline makes before them; a stochastic sampler's later draws then come from an earlier
-point of the generator's stream than in diffusers, which runs that encode on the same generator.
+the pipeline makes before them, and the denoiser's pipeline draws what that encode drew, so a
+stochastic sampler's later draws come from the same point of each generator's stream as in diffusers.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from protocol.errors import RequestError
-from protocol.messages import IMAGE_TO_IMAGE, ImageInputs, RequestSpec
-from triptych.families.base import Family, Tensors
+from protocol.messages import IMAGE_TO_IMAGE, INPAINT, ImageInputs, RequestSpec
+from triptych.families.base import Family, Tensors, draw_as_the_masked_encode
 
 
 class StableDiffusion(Family):
@@ -39,6 +39,12 @@ class StableDiffusion(Family):
         return {"prompt_embeds": embeds}
 
     # --- images in --------------------------------------------------------------------------
+
+    def pipeline_for(self, pipe: Any, workflow: str) -> Any:
+        runner = super().pipeline_for(pipe, workflow)
+        if workflow == INPAINT and runner.unet is not None:  # the denoiser's
+            draw_as_the_masked_encode(runner)
+        return runner
 
     def encode_images(
         self, pipe: Any, request: RequestSpec, images: list[Image.Image], mask: Image.Image | None, denoiser: dict

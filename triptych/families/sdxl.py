@@ -30,7 +30,7 @@ from PIL import Image
 from protocol.errors import RequestError
 from protocol.messages import INPAINT, ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import DECODER, DENOISER, ENCODER
-from triptych.families.base import Family, Tensors
+from triptych.families.base import Family, Tensors, draw_as_the_masked_encode
 
 
 class StableDiffusionXL(Family):
@@ -68,7 +68,7 @@ class StableDiffusionXL(Family):
     def pipeline_for(self, pipe: Any, workflow: str) -> Any:
         runner = super().pipeline_for(pipe, workflow)
         if workflow == INPAINT and runner.unet is not None:
-            _draw_as_the_masked_encode(runner)
+            draw_as_the_masked_encode(runner)
         return runner
 
     def _encode_inpaint(
@@ -159,36 +159,3 @@ def _inpaint_sample(runner: Any, pixels: torch.Tensor, generator: torch.Generato
     latents_mean/std, as img2img does), in float32 where the VAE must be."""
     vae = runner.vae
     return runner._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=generator).float().cpu()
-
-
-def _draw_as_the_masked_encode(runner: Any) -> None:
-    """Make a denoiser's StableDiffusionXLInpaintPipeline draw from each generator, after preparing
-    the mask, what its VAE encode of the masked image draws there when run whole (one latent sample):
-    the masked image's latents come ready (or unused), but the generators' later draws, a stochastic
-    sampler's noise, must come from where they would."""
-    if getattr(runner, "_draws_as_the_masked_encode", False):
-        return
-    prepare_mask_latents = runner.prepare_mask_latents
-
-    def prepare(
-        mask: torch.Tensor,
-        masked_image: torch.Tensor | None,
-        batch_size: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-        do_classifier_free_guidance: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        prepared = prepare_mask_latents(
-            mask, masked_image, batch_size, height, width, dtype, device, generator, do_classifier_free_guidance
-        )
-        scale = runner.vae_scale_factor
-        shape = (1, runner.vae.config.latent_channels, height // scale, width // scale)
-        for each in generator if isinstance(generator, list) else [generator]:
-            torch.randn(shape, generator=each, dtype=torch.float32)
-        return prepared
-
-    runner.prepare_mask_latents = prepare
-    runner._draws_as_the_masked_encode = True
