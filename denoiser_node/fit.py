@@ -206,7 +206,7 @@ def unsupported(setting: str, caps: DeviceCaps, loras: bool = False) -> str | No
     if loras and setting in NO_LORAS:
         return f"{flag} cannot take the LoRA adapters of --lora-dir (use nf4 or a GGUF file, or no adapters)"
     if setting in ("int8wo", "float8wo") and not caps.torchao:
-        return f"{flag} needs torchao: pip install torchao (or the quantize extra)"
+        return f"{flag} needs torchao: pip install torchao"
     if setting == "float8wo":
         if not caps.cuda:
             return f"{flag} needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); {where}"

@@ -192,7 +192,7 @@ def _args(*flags: str) -> argparse.Namespace:
         (
             ["--quantize", "int8wo"],
             DeviceCaps("cpu"),
-            "--quantize int8wo needs torchao: pip install torchao (or the quantize extra)",
+            "--quantize int8wo needs torchao: pip install torchao",
         ),
     ],
 )
