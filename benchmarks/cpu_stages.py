@@ -200,7 +200,10 @@ def in_subprocess(name: str, setting: str, args: argparse.Namespace, folder: Pat
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
         raise RuntimeError(f"{name} {setting} failed (exit {proc.returncode}): {(errors or [''])[-1][:300]}")
-    return json.loads(out.with_suffix(".json").read_text()), torch.load(out.with_suffix(".pt"))
+    from safetensors.torch import load_file
+
+    output = load_file(out.with_suffix(".safetensors"))["output"]  # tensors only: nothing is unpickled
+    return json.loads(out.with_suffix(".json").read_text()), output
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -309,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         name, setting = args.one.split(":", 1)
         row, output = run_setting(name, setting, args)
-        torch.save(output, Path(args.out).with_suffix(".pt"))
+        from safetensors.torch import save_file
+
+        save_file({"output": output.contiguous()}, Path(args.out).with_suffix(".safetensors"))
         Path(args.out).with_suffix(".json").write_text(json.dumps(row))
         return 0
     if args.tiny:

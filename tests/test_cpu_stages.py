@@ -66,19 +66,26 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def _encoder(path, *flags: str):
-    """The encoder node's own build, from its command line, on a tiny checkpoint."""
-    from encoder_node.main import add_arguments, build
+def _built_node(service: str, path, *flags: str):
+    """A node's own build, from its command line, on a tiny checkpoint."""
+    from importlib import import_module
+
     from triptych.families import family_for_pipeline
     from triptych.families.loading import read_model_index
+    from triptych.nodes import ENTRY_POINTS
 
+    main = import_module(ENTRY_POINTS[service].split(":")[0])
     parser = argparse.ArgumentParser()
-    add_common_arguments(parser, ENCODER)
-    add_arguments(parser)
+    add_common_arguments(parser, service)
+    main.add_arguments(parser)
     args = parser.parse_args(["--model", str(path), *flags])
     family = family_for_pipeline(read_model_index(str(path))["_class_name"])
-    device, dtype = resolve_device(ENCODER, args.device, args.dtype, family.cuda_dtype)
-    return build(NodeContext(args, ENCODER, family, device, dtype, path.name))
+    device, dtype = resolve_device(service, args.device, args.dtype, family.cuda_dtype)
+    return main.build(NodeContext(args, service, family, device, dtype, path.name))
+
+
+def _encoder(path, *flags: str):
+    return _built_node(ENCODER, path, *flags)
 
 
 def _embeds(node, path, prompt: str = "a red fox in the snow") -> dict[str, torch.Tensor]:
@@ -175,17 +182,7 @@ def test_an_unknown_quantization_is_refused_by_the_flag(family_checkpoint, capsy
 
 
 def _decoder(path, *flags: str):
-    from decoder_node.main import add_arguments, build
-    from triptych.families import family_for_pipeline
-    from triptych.families.loading import read_model_index
-
-    parser = argparse.ArgumentParser()
-    add_common_arguments(parser, DECODER)
-    add_arguments(parser)
-    args = parser.parse_args(["--model", str(path), *flags])
-    family = family_for_pipeline(read_model_index(str(path))["_class_name"])
-    device, dtype = resolve_device(DECODER, args.device, args.dtype, family.cuda_dtype)
-    return build(NodeContext(args, DECODER, family, device, dtype, path.name))
+    return _built_node(DECODER, path, *flags)
 
 
 def _decoded(node, latents: torch.Tensor) -> np.ndarray:
