@@ -63,6 +63,16 @@ def test_an_unknown_sampler_is_refused_with_the_list(family_checkpoint):
     assert info.value.field == "scheduler"
 
 
+def test_qwenimage_requests_with_different_samplers_batch_apart(family_checkpoint):
+    """Qwen-Image keys batches without the prompt length; the sampler still keeps them apart."""
+    denoiser = stage(family_checkpoint("qwenimage"), DENOISER)
+    family, pipe = denoiser.family, denoiser.pipe
+    embeds = {"prompt_embeds": torch.zeros(1, 7, 16), "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long)}
+    names = (None, "flow_euler", "flow_euler_karras")
+    keys = {family.batch_key(pipe, embeds, request_spec("qwenimage", prompt=PROMPT, scheduler=n)) for n in names}
+    assert len(keys) == 3
+
+
 def test_requests_with_different_samplers_batch_apart_and_the_checkpoint_scheduler_stays(family_checkpoint):
     denoiser = stage(family_checkpoint("sd"), DENOISER)
     family, pipe = denoiser.family, denoiser.pipe

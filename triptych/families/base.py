@@ -358,10 +358,13 @@ class Family:
     def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
         """Requests with equal keys can run as one pipeline call: same settings, same tensor shapes."""
         params = self.resolve_params(pipe, request, images)
-        shapes = tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
         inputs = () if images is None else tuple(sorted((k, tuple(t.shape[1:])) for k, t in images.tensors.items()))
         settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler)
-        return (*settings, request.workflow, params.strength, shapes, inputs, lora_key(request.loras))
+        return (*settings, request.workflow, params.strength, self.embeds_key(embeds), inputs, lora_key(request.loras))
+
+    def embeds_key(self, embeds: Tensors) -> tuple:
+        """What of the embeddings must agree to batch: each tensor's shape past the batch axis, and dtype."""
+        return tuple(sorted((name, tuple(t.shape[1:]), str(t.dtype)) for name, t in embeds.items()))
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         """Stack each request's embeddings (batch of one), repeated once per image it asked for."""

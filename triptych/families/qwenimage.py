@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from protocol.messages import ImageInputs, RequestSpec, ResolvedParams
+from protocol.messages import RequestSpec, ResolvedParams
 from triptych.families.base import Tensors, TransformerFamily
-from triptych.families.lora import lora_key
 
 # Each embedding that may be padded in a batch, and the mask that says which positions are real.
 _MASKS = {"prompt_embeds": "prompt_embeds_mask", "negative_prompt_embeds": "negative_prompt_embeds_mask"}
@@ -72,12 +71,9 @@ class QwenImage(TransformerFamily):
 
     # --- denoise ----------------------------------------------------------------------------
 
-    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
-        # As the default, but without the sequence length: batch_embeds pads prompts to one length.
-        params = self.resolve_params(pipe, request, images)
-        widths = tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
-        settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width)
-        return (*settings, widths, lora_key(request.loras))
+    def embeds_key(self, embeds: Tensors) -> tuple:
+        # Without the sequence length: batch_embeds pads prompts to one length.
+        return tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
 
     def batch_embeds(self, items: list[tuple[Tensors, int]]) -> Tensors:
         padded: Tensors = {}

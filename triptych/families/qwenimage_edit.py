@@ -34,7 +34,6 @@ from protocol.errors import RequestError
 from protocol.messages import IMAGE_TO_IMAGE, TEXT_TO_IMAGE, ImageInputs, RequestSpec, ResolvedParams
 from protocol.stages import ENCODER
 from triptych.families.base import EncodeCache, LatentsFn, StepFn, Tensors
-from triptych.families.lora import lora_key
 from triptych.families.qwenimage import QwenImage
 from triptych.families.references import answered_vae_encode, stand_in
 
@@ -155,14 +154,6 @@ class QwenImageEdit(QwenImage):
         if request.strength is not None:
             raise RequestError("strength", f"{type(pipe).__name__} takes no strength: it edits from noise")
         return None
-
-    def batch_key(self, pipe: Any, embeds: Tensors, request: RequestSpec, images: ImageInputs | None = None) -> tuple:
-        # Qwen-Image's key (any prompt length), with the images' shapes: one latent size per batch.
-        params = self.resolve_params(pipe, request, images)
-        widths = tuple(sorted((name, tuple(t.shape[2:]), str(t.dtype)) for name, t in embeds.items()))
-        inputs = () if images is None else tuple(sorted((k, tuple(t.shape[1:])) for k, t in images.tensors.items()))
-        settings = (params.steps, params.guidance, params.true_cfg, params.height, params.width, params.scheduler)
-        return (*settings, request.workflow, widths, inputs, lora_key(request.loras))
 
     def image_kwargs(self, runner: Any, images: list[ImageInputs], params: ResolvedParams) -> dict[str, Any]:
         # Requests of one batch have images of one latent size, so the first request's sizes stand for all.
