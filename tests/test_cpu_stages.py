@@ -138,6 +138,8 @@ def test_int8_t5_embeddings_stay_close_to_float32(family_checkpoint):
     exact, quantized = _encoder(path, "--dtype", "float32"), _encoder(path, "--quantize", "int8")
     linear = quantized.handler.stage.pipe.text_encoder.encoder.block[0].layer[1].DenseReluDense.wi_0
     assert type(linear).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    kept = quantized.handler.stage.pipe.text_encoder.encoder.block[0].layer[1].DenseReluDense.wo
+    assert type(kept) is torch.nn.Linear and kept.weight.dtype == torch.bfloat16  # the heavy-tailed input's layer
     assert quantized.info["text_encoders"] == "text_encoder=int8"
     for prompt in ("a red fox in the snow", "a lighthouse on a cliff at dusk, oil painting"):
         a, b = _embeds(exact, path, prompt)["prompt_embeds"], _embeds(quantized, path, prompt)["prompt_embeds"]
